@@ -1,0 +1,185 @@
+"""Per-sample dynamic LoRA: ``y = W x + s * up_b(down_b(x))`` for batch row b.
+
+Shape legend: b rows of a host batch, n tokens, i in_features, o out_features, r rank.
+Factor naming follows ComfyUI/kohya and peft: ``down`` is (r, i), ``up`` is (o, r), ``scale =
+alpha / rank * strength``. The paper writes ΔW = B·A, so B = up and A = down.
+
+The delta is added by forward hooks on the base Linear modules, never by editing their weights, so
+fp8/fp16/bf16/fp32 base layers, ComfyUI's manual-cast and low-VRAM paths and training all share one
+code path: :func:`lora_delta`. Hooks read a mutable :class:`LoRAState`, so they can be installed
+once and re-pointed at new factors without re-registering (cheap, and torch.compile friendly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .targets import Target
+
+# target id -> (down (b, r, i), up (b, o, r)), one row per sample
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def lora_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """The low-rank update for each row of `x` (b, ..., i) -> (b, ..., o), in the factors' dtype."""
+    b, i = x.shape[0], x.shape[-1]
+    if down.shape[0] != b or up.shape[0] != b:
+        raise ValueError(f"factor batch {down.shape[0]} does not match input batch {b}")
+    if down.shape[-1] != i:
+        raise ValueError(f"factor in_features {down.shape[-1]} does not match input features {i}")
+    flat = x.reshape(b, -1, i).to(down.dtype)  # (b, n, i)
+    hidden = torch.bmm(flat, down.transpose(1, 2))  # (b, n, r)
+    delta = torch.bmm(hidden, up.transpose(1, 2))  # (b, n, o)
+    return (delta * scale).reshape(*x.shape[:-1], up.shape[1])
+
+
+def rows_to_samples(num_rows: int, num_samples: int) -> torch.Tensor:
+    """Sample index of each host-batch row, ComfyUI's chunk-major layout: row r is sample r % B.
+
+    Under CFG a host batch holds the cond and the uncond chunk of the same B samples; both chunks
+    of a sample get that sample's LoRA.
+    """
+    if num_samples <= 0 or num_rows % num_samples:
+        raise ValueError(
+            f"HyperAlign: a model call with {num_rows} rows cannot be split into chunks of {num_samples} "
+            "samples. HINT: batch layouts that slice the batch axis (context windows) are not supported."
+        )
+    return torch.arange(num_rows) % num_samples
+
+
+def merged_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + s * up @ down`` for one sample's factors (r, i) and (o, r): the reference and the fuse path."""
+    return weight + scale * (up.to(weight.dtype) @ down.to(weight.dtype))
+
+
+@dataclass
+class LoRAState:
+    """What the hooks read. ``factors`` is None between model calls: hooks then add nothing."""
+
+    scale: float = 1.0
+    factors: Factors | None = None
+    calls: int = 0  # hooked forwards that added a delta, for tests and summaries
+    _bound: Factors = field(default_factory=dict, repr=False)
+
+    def bind(self, factors: Factors, row_index: torch.Tensor | None = None, device=None) -> None:
+        """Expand per-sample factors to the rows of the coming model call (once per call, not per layer)."""
+        bound = {}
+        for key, (down, up) in factors.items():
+            if device is not None and down.device != torch.device(device):
+                down, up = down.to(device, non_blocking=True), up.to(device, non_blocking=True)
+            if row_index is not None:
+                index = row_index.to(down.device)
+                down, up = down.index_select(0, index), up.index_select(0, index)
+            bound[key] = (down, up)
+        self._bound = bound
+        self.factors = factors
+
+    def clear(self) -> None:
+        self.factors, self._bound = None, {}
+
+    def for_target(self, target_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._bound.get(target_id) if self.factors is not None else None
+
+
+def _make_hook(target: Target, state: LoRAState):
+    def hook(module, args, output):
+        pair = state.for_target(target.id)
+        if pair is None:
+            return None
+        down, up = pair
+        try:
+            delta = lora_delta(args[0], down, up, state.scale).to(output.dtype)
+        except ValueError as err:
+            raise ValueError(f"{err} at target {target.id!r}") from None
+        state.calls += 1
+        if target.out_slice is None:
+            return output + delta
+        start, stop = target.out_slice
+        output[..., start:stop] += delta  # in place: a Linear's fresh output is not needed by its backward
+        return output
+
+    return hook
+
+
+def check_module(target: Target, module: nn.Module, path: str) -> None:
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise TypeError(
+            f"HyperAlign: {path!r} is a {type(module).__name__}, not a Linear layer. HINT: models replaced by "
+            "TensorRT-style or other fused implementations cannot take HyperAlign's LoRA."
+        )
+    out_features = target.out_slice[1] if target.out_slice else target.out_features
+    if weight.shape[1] != target.in_features or weight.shape[0] < out_features:
+        raise ValueError(
+            f"HyperAlign: layer {path!r} has weight shape {tuple(weight.shape)}, but the predictor expects "
+            f"in_features {target.in_features} and at least {out_features} outputs. HINT: the predictor was "
+            "trained for a different architecture."
+        )
+
+
+def resolve_modules(root: nn.Module, targets: list[Target], path_of) -> list[tuple[Target, str, nn.Module]]:
+    """Find each target's module under `root` (`path_of(target)` is the host's path), checking its shape."""
+    found, missing = [], []
+    for target in targets:
+        path = path_of(target)
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            missing.append(path)
+            continue
+        check_module(target, module, path)
+        found.append((target, path, module))
+    if missing:
+        raise ValueError(
+            f"HyperAlign: {len(missing)} of {len(targets)} target layers are missing from the model, e.g. "
+            f"{missing[:3]}. HINT: connect a plain model of the predictor's family (no TensorRT or fused replacement)."
+        )
+    return found
+
+
+@contextmanager
+def hooked(resolved: list[tuple[Target, str, nn.Module]], state: LoRAState) -> Iterator[LoRAState]:
+    """Install one forward hook per target (from :func:`resolve_modules`); always removed on exit."""
+    handles = []
+    try:
+        for target, _path, module in resolved:
+            handles.append(module.register_forward_hook(_make_hook(target, state)))
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _frobenius_inner(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """<up_a @ down_a, up_b @ down_b>_F per sample, through (r, r) Gram matrices: never forms ΔW."""
+    (down_a, up_a), (down_b, up_b) = a, b
+    gram_up = torch.bmm(up_a.transpose(1, 2).float(), up_b.float())  # (b, r, r)
+    gram_down = torch.bmm(down_a.float(), down_b.transpose(1, 2).float())  # (b, r, r)
+    return (gram_up * gram_down).sum(dim=(1, 2))  # (b,)
+
+
+def factor_stats(factors: Factors, reference: Factors) -> dict:
+    """LoRA dynamics against a reference (the first prediction of a run), paper Fig. 8.
+
+    Sums over targets, means over samples: `norm` = ||ΔW||, `cosine` = cos(ΔW, ΔW_ref),
+    `relative_change` = ||ΔW - ΔW_ref|| / ||ΔW_ref||.
+    """
+    self_sq = ref_sq = cross = 0.0
+    for key, pair in factors.items():
+        ref = reference[key]
+        self_sq = self_sq + _frobenius_inner(pair, pair)
+        ref_sq = ref_sq + _frobenius_inner(ref, ref)
+        cross = cross + _frobenius_inner(pair, ref)
+    norm, ref_norm = self_sq.clamp_min(0).sqrt(), ref_sq.clamp_min(0).sqrt()
+    cosine = cross / (norm * ref_norm).clamp_min(1e-12)
+    change = (self_sq + ref_sq - 2 * cross).clamp_min(0).sqrt() / ref_norm.clamp_min(1e-12)
+    return {
+        "norm": float(norm.mean()),
+        "cosine": float(cosine.mean()),
+        "relative_change": float(change.mean()),
+    }

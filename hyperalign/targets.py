@@ -1,0 +1,218 @@
+"""The one table of LoRA target layers, for SD1.5-family UNets and FLUX-family DiTs.
+
+Rows are generated from a few architecture numbers (as ComfyUI derives its key maps in
+``unet_to_diffusers`` / ``flux_to_diffusers``), so the same code serves the real models and the
+tiny ones the tests and the toy world build. No other module spells a layer name.
+
+A row names one diffusers ``nn.Linear`` (its path is the canonical id, what training produces),
+the ComfyUI module that computes it (under ``diffusion_model.``) and, for FLUX, the output slice of
+ComfyUI's fused layer (``img_attn.qkv``, ``txt_attn.qkv``, single-block ``linear1``) that it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+SD15 = "sd15"
+FLUX = "flux"
+FAMILIES = (SD15, FLUX)
+
+
+@dataclass(frozen=True)
+class Target:
+    id: str  # diffusers module path: canonical, stored in predictor files
+    comfy: str  # ComfyUI module path under `diffusion_model.`
+    in_features: int
+    out_features: int
+    out_slice: tuple[int, int] | None = None  # rows of ComfyUI's fused output this layer is
+
+
+@dataclass(frozen=True)
+class UNetArch:
+    """The numbers of an SD1.5-style UNet that decide its attention layers."""
+
+    block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    layers_per_block: int = 2
+    transformer_depth: int = 1
+    context_dim: int = 768
+    mid_attention: bool = True
+
+    def __post_init__(self):
+        if len(self.block_channels) != len(self.attention_levels):
+            raise ValueError(
+                f"HyperAlign: block_channels {self.block_channels} and attention_levels "
+                f"{self.attention_levels} must have one entry per resolution level."
+            )
+
+
+@dataclass(frozen=True)
+class DiTArch:
+    """The numbers of a FLUX-style DiT that decide its attention layers."""
+
+    hidden_size: int = 3072
+    depth: int = 19  # double-stream blocks
+    depth_single_blocks: int = 38
+    mlp_ratio: float = 4.0
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+SD15_ARCH = UNetArch()
+FLUX_ARCH = DiTArch()
+
+_ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _sd15_site_rows(diffusers_prefix: str, comfy_prefix: str, width: int, arch: UNetArch) -> list[Target]:
+    rows = []
+    for d in range(arch.transformer_depth):
+        block = f"transformer_blocks.{d}"
+        for attn in ("attn1", "attn2"):
+            for proj in _ATTN_PROJ:
+                from_context = attn == "attn2" and proj in ("to_k", "to_v")
+                rows.append(
+                    Target(
+                        id=f"{diffusers_prefix}.{block}.{attn}.{proj}",
+                        comfy=f"{comfy_prefix}.{block}.{attn}.{proj}",
+                        in_features=arch.context_dim if from_context else width,
+                        out_features=width,
+                    )
+                )
+    return rows
+
+
+def _sd15_rows(arch: UNetArch) -> list[Target]:
+    levels = len(arch.block_channels)
+    per_level_in = arch.layers_per_block + 1  # res blocks plus one downsample (index stays aligned)
+    rows = []
+    for level, (width, has_attn) in enumerate(zip(arch.block_channels, arch.attention_levels)):
+        if not has_attn:
+            continue
+        for j in range(arch.layers_per_block):
+            comfy_index = 1 + level * per_level_in + j
+            rows += _sd15_site_rows(
+                f"down_blocks.{level}.attentions.{j}", f"input_blocks.{comfy_index}.1", width, arch
+            )
+    if arch.mid_attention:
+        rows += _sd15_site_rows("mid_block.attentions.0", "middle_block.1", arch.block_channels[-1], arch)
+    for up in range(levels):
+        level = levels - 1 - up
+        if not arch.attention_levels[level]:
+            continue
+        for j in range(arch.layers_per_block + 1):
+            comfy_index = up * (arch.layers_per_block + 1) + j
+            rows += _sd15_site_rows(
+                f"up_blocks.{up}.attentions.{j}",
+                f"output_blocks.{comfy_index}.1",
+                arch.block_channels[level],
+                arch,
+            )
+    return rows
+
+
+def _flux_rows(arch: DiTArch) -> list[Target]:
+    h, rows = arch.hidden_size, []
+    qkv = {"q": (0, h), "k": (h, 2 * h), "v": (2 * h, 3 * h)}
+    for i in range(arch.depth):
+        base, comfy = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for name in ("q", "k", "v"):
+            rows.append(Target(f"{base}.attn.to_{name}", f"{comfy}.img_attn.qkv", h, h, qkv[name]))
+        rows.append(Target(f"{base}.attn.to_out.0", f"{comfy}.img_attn.proj", h, h))
+        for name in ("q", "k", "v"):
+            rows.append(Target(f"{base}.attn.add_{name}_proj", f"{comfy}.txt_attn.qkv", h, h, qkv[name]))
+        rows.append(Target(f"{base}.attn.to_add_out", f"{comfy}.txt_attn.proj", h, h))
+    for i in range(arch.depth_single_blocks):
+        base, comfy = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for name in ("q", "k", "v"):
+            rows.append(Target(f"{base}.attn.to_{name}", f"{comfy}.linear1", h, h, qkv[name]))
+        rows.append(Target(f"{base}.proj_mlp", f"{comfy}.linear1", h, arch.mlp_hidden, (3 * h, 3 * h + arch.mlp_hidden)))
+        rows.append(Target(f"{base}.proj_out", f"{comfy}.linear2", h + arch.mlp_hidden, h))
+    return rows
+
+
+# Named subsets: each is a predicate over a row's id. "attn" is the default for both families.
+_PRESETS = {
+    SD15: {
+        "attn": lambda t: ".attn1." in t.id or ".attn2." in t.id,
+        "cross_attn": lambda t: ".attn2." in t.id,
+        "self_attn": lambda t: ".attn1." in t.id,
+    },
+    FLUX: {
+        "attn": lambda t: ".attn." in t.id,
+        "double_attn": lambda t: t.id.startswith("transformer_blocks.") and ".attn." in t.id,
+        "img_attn": lambda t: ".attn.to_" in t.id and "to_add_out" not in t.id,
+        "attn_mlp": lambda t: True,
+    },
+}
+DEFAULT_PRESET = "attn"
+
+
+@dataclass(frozen=True)
+class TargetTable:
+    family: str
+    arch: UNetArch | DiTArch
+    rows: tuple[Target, ...] = field(repr=False)
+
+    def by_id(self) -> dict[str, Target]:
+        return {t.id: t for t in self.rows}
+
+    def select(self, ids: list[str] | tuple[str, ...]) -> list[Target]:
+        """Rows for `ids`, in that order; an unknown id is an error that names it."""
+        index = self.by_id()
+        unknown = [i for i in ids if i not in index]
+        if unknown:
+            raise ValueError(
+                f"HyperAlign: {len(unknown)} target layer(s) do not exist in this {self.family} model, "
+                f"e.g. {unknown[:3]}. HINT: the predictor was made for a different architecture; "
+                f"use a predictor trained for this model."
+            )
+        return [index[i] for i in ids]
+
+    def preset(self, name: str = DEFAULT_PRESET) -> list[Target]:
+        presets = _PRESETS[self.family]
+        if name not in presets:
+            raise ValueError(
+                f"HyperAlign: unknown target preset {name!r} for {self.family}; choose one of {sorted(presets)}."
+            )
+        return [t for t in self.rows if presets[name](t)]
+
+
+def preset_names(family: str) -> list[str]:
+    return sorted(_PRESETS[family])
+
+
+def build_table(family: str, arch: UNetArch | DiTArch | dict | None = None) -> TargetTable:
+    """All candidate target rows of one architecture (defaults: the real SD1.5 / FLUX.1)."""
+    if family not in FAMILIES:
+        raise ValueError(f"HyperAlign: unknown model family {family!r}; expected one of {FAMILIES}.")
+    arch = arch_from_dict(family, arch) if isinstance(arch, dict) or arch is None else arch
+    rows = _sd15_rows(arch) if family == SD15 else _flux_rows(arch)
+    return TargetTable(family, arch, tuple(rows))
+
+
+def arch_from_dict(family: str, data: dict | None) -> UNetArch | DiTArch:
+    cls = UNetArch if family == SD15 else DiTArch
+    data = dict(data or {})
+    allowed = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"HyperAlign: unknown {family} architecture keys {unknown}; allowed: {sorted(allowed)}.")
+    for key, value in data.items():
+        if isinstance(value, list):
+            data[key] = tuple(value)
+    return cls(**data)
+
+
+def arch_to_dict(arch: UNetArch | DiTArch) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(arch).items()}
+
+
+def targets_sha256(targets: list[Target] | tuple[Target, ...]) -> str:
+    """A stable fingerprint of the ordered target rows (names, shapes and slices)."""
+    canonical = [[t.id, t.comfy, t.in_features, t.out_features, list(t.out_slice or [])] for t in targets]
+    return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
