@@ -116,9 +116,7 @@ class HyperNet(nn.Module):
             parts.append(self.context_proj(context.mean(dim=1, keepdim=True).to(tokens.dtype)))  # (b, 1, d)
         return torch.cat(parts, dim=1)
 
-    def forward(
-        self, features: torch.Tensor, progress: torch.Tensor, context: torch.Tensor | None = None
-    ) -> Factors:
+    def forward(self, features: torch.Tensor, progress: torch.Tensor, context: torch.Tensor | None = None) -> Factors:
         """features (b, n, feature_dim), progress (b,) in [0, 1], context (b, L, context_dim) -> factors."""
         b = features.shape[0]
         mem = self.memory(features, progress.reshape(-1).expand(b), context)

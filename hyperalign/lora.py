@@ -86,7 +86,7 @@ class LoRAState:
         return self._bound.get(target_id) if self.factors is not None else None
 
 
-def _make_hook(target: Target, state: LoRAState):
+def _make_hook(target: Target, state: LoRAState, out_slice: tuple[int, int] | None):
     def hook(module, args, output):
         pair = state.for_target(target.id)
         if pair is None:
@@ -97,9 +97,9 @@ def _make_hook(target: Target, state: LoRAState):
         except ValueError as err:
             raise ValueError(f"{err} at target {target.id!r}") from None
         state.calls += 1
-        if target.out_slice is None:
+        if out_slice is None:
             return output + delta
-        start, stop = target.out_slice
+        start, stop = out_slice
         output[..., start:stop] += delta  # in place: a Linear's fresh output is not needed by its backward
         return output
 
@@ -113,13 +113,25 @@ def check_module(target: Target, module: nn.Module, path: str) -> None:
             f"HyperAlign: {path!r} is a {type(module).__name__}, not a Linear layer. HINT: models replaced by "
             "TensorRT-style or other fused implementations cannot take HyperAlign's LoRA."
         )
-    out_features = target.out_slice[1] if target.out_slice else target.out_features
-    if weight.shape[1] != target.in_features or weight.shape[0] < out_features:
+    # a fused layer only needs room for its slice; a plain one must match exactly, or the delta would not add
+    fused = fused_slice(target, module) is not None
+    out_features = target.out_slice[1] if fused else target.out_features
+    if weight.shape[1] != target.in_features or (
+        weight.shape[0] < out_features if fused else weight.shape[0] != out_features
+    ):
         raise ValueError(
             f"HyperAlign: layer {path!r} has weight shape {tuple(weight.shape)}, but the predictor expects "
-            f"in_features {target.in_features} and at least {out_features} outputs. HINT: the predictor was "
-            "trained for a different architecture."
+            f"in_features {target.in_features} and {'at least' if fused else 'exactly'} {out_features} outputs. "
+            "HINT: the predictor was trained for a different architecture."
         )
+
+
+def fused_slice(target: Target, module: nn.Module) -> tuple[int, int] | None:
+    """The rows of `module`'s output that `target` adds to: its out_slice when `module` is ComfyUI's fused layer
+    (FLUX qkv, linear1), None when `module` is exactly the target's width (the same row's diffusers Linear)."""
+    if target.out_slice is None or module.weight.shape[0] == target.out_features:
+        return None
+    return target.out_slice
 
 
 def resolve_modules(root: nn.Module, targets: list[Target], path_of) -> list[tuple[Target, str, nn.Module]]:
@@ -148,7 +160,7 @@ def hooked(resolved: list[tuple[Target, str, nn.Module]], state: LoRAState) -> I
     handles = []
     try:
         for target, _path, module in resolved:
-            handles.append(module.register_forward_hook(_make_hook(target, state)))
+            handles.append(module.register_forward_hook(_make_hook(target, state, fused_slice(target, module))))
         yield state
     finally:
         for handle in handles:

@@ -38,7 +38,8 @@ class AlignRun:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"HyperAlign: unknown mode {self.mode!r}; expected one of {MODES}.")
-        self.keysteps = validate_keysteps(list(self.keysteps))
+        keysteps = self.keysteps  # a string ('0, 0.5', as the nodes pass it) is parsed, not split into characters
+        self.keysteps = validate_keysteps(keysteps if isinstance(keysteps, str) else list(keysteps))
 
     def needs_prediction(self, step: int, progress: float) -> bool:
         if self._factors is None:

@@ -56,7 +56,9 @@ def parse_keysteps(text: str) -> tuple[float, ...]:
 
 
 def format_keysteps(keysteps: Sequence[float]) -> str:
-    return ", ".join(f"{k:.4g}" for k in keysteps)
+    """Keysteps as text, rounded *down* to 6 decimals: rounding up could move a keystep past the progress of
+    the step it was discovered at, and the segment would then start one step late."""
+    return ", ".join(f"{math.floor(k * 1e6) / 1e6:.6f}".rstrip("0").rstrip(".") or "0" for k in keysteps)
 
 
 def segment_of(progress: float, keysteps: Sequence[float]) -> int:
@@ -134,13 +136,14 @@ def discover_keysteps(
     curvature = (padded[2:] - 2 * padded[1:-1] + padded[:-2]).abs()  # (N-1,)
     # curvature[j] belongs to the transition j -> j+1: a new segment starts at step j+1
     candidates = sorted(range(len(curvature)), key=lambda j: (-float(curvature[j]), j))
+    progress = list(progress) if progress is not None else [i / steps for i in range(steps)]
+    if len(progress) != steps:
+        raise ValueError(f"HyperAlign: got {len(progress)} progress values for {steps} steps.")
     chosen = {0}
     for j in candidates:
         if len(chosen) >= min(k, steps):
             break
-        chosen.add(j + 1)
-    progress = list(progress) if progress is not None else [i / steps for i in range(steps)]
-    if len(progress) != steps:
-        raise ValueError(f"HyperAlign: got {len(progress)} progress values for {steps} steps.")
+        if float(progress[j + 1]) < 1.0:  # a step already at the clean end cannot start a segment
+            chosen.add(j + 1)
     keysteps = [0.0] + sorted({round(float(progress[i]), 6) for i in chosen if i > 0} - {0.0})
     return keysteps, {"distance": distance.tolist(), "curvature": curvature.tolist()}

@@ -29,6 +29,11 @@ class Target:
     out_slice: tuple[int, int] | None = None  # rows of ComfyUI's fused output this layer is
 
 
+def _check_arch_int(name: str, value, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"HyperAlign: {name} must be an integer in [{low}, {high}], got {value!r}.")
+
+
 @dataclass(frozen=True)
 class UNetArch:
     """The numbers of an SD1.5-style UNet that decide its attention layers."""
@@ -41,11 +46,24 @@ class UNetArch:
     mid_attention: bool = True
 
     def __post_init__(self):
+        # these numbers also come from predictor file headers: bound them before a table is generated
+        for name in ("block_channels", "attention_levels"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 8:
+                raise ValueError(f"HyperAlign: unet {name} must be a list of 1 to 8 entries, got {value!r}.")
+            object.__setattr__(self, name, tuple(value))
         if len(self.block_channels) != len(self.attention_levels):
             raise ValueError(
                 f"HyperAlign: block_channels {self.block_channels} and attention_levels "
                 f"{self.attention_levels} must have one entry per resolution level."
             )
+        for width in self.block_channels:
+            _check_arch_int("unet block_channels entry", width, 1, 65536)
+        if not all(isinstance(flag, bool) for flag in (*self.attention_levels, self.mid_attention)):
+            raise ValueError("HyperAlign: unet attention_levels and mid_attention must be true/false values.")
+        _check_arch_int("unet layers_per_block", self.layers_per_block, 1, 16)
+        _check_arch_int("unet transformer_depth", self.transformer_depth, 1, 64)
+        _check_arch_int("unet context_dim", self.context_dim, 1, 65536)
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,18 @@ class DiTArch:
     depth: int = 19  # double-stream blocks
     depth_single_blocks: int = 38
     mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        _check_arch_int("dit hidden_size", self.hidden_size, 1, 65536)
+        _check_arch_int("dit depth", self.depth, 0, 256)
+        _check_arch_int("dit depth_single_blocks", self.depth_single_blocks, 0, 256)
+        ratio = self.mlp_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 64:  # NaN fails too
+            raise ValueError(f"HyperAlign: dit mlp_ratio must be a number in (0, 64], got {ratio!r}.")
+        if self.mlp_hidden < 1:
+            raise ValueError(
+                f"HyperAlign: dit mlp_ratio {ratio!r} leaves no MLP width at hidden_size {self.hidden_size}."
+            )
 
     @property
     def mlp_hidden(self) -> int:
@@ -95,9 +125,7 @@ def _sd15_rows(arch: UNetArch) -> list[Target]:
             continue
         for j in range(arch.layers_per_block):
             comfy_index = 1 + level * per_level_in + j
-            rows += _sd15_site_rows(
-                f"down_blocks.{level}.attentions.{j}", f"input_blocks.{comfy_index}.1", width, arch
-            )
+            rows += _sd15_site_rows(f"down_blocks.{level}.attentions.{j}", f"input_blocks.{comfy_index}.1", width, arch)
     if arch.mid_attention:
         rows += _sd15_site_rows("mid_block.attentions.0", "middle_block.1", arch.block_channels[-1], arch)
     for up in range(levels):
@@ -130,7 +158,9 @@ def _flux_rows(arch: DiTArch) -> list[Target]:
         base, comfy = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         for name in ("q", "k", "v"):
             rows.append(Target(f"{base}.attn.to_{name}", f"{comfy}.linear1", h, h, qkv[name]))
-        rows.append(Target(f"{base}.proj_mlp", f"{comfy}.linear1", h, arch.mlp_hidden, (3 * h, 3 * h + arch.mlp_hidden)))
+        rows.append(
+            Target(f"{base}.proj_mlp", f"{comfy}.linear1", h, arch.mlp_hidden, (3 * h, 3 * h + arch.mlp_hidden))
+        )
         rows.append(Target(f"{base}.proj_out", f"{comfy}.linear2", h + arch.mlp_hidden, h))
     return rows
 

@@ -34,6 +34,10 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 if [[ -n "${COMFYUI_PATH:-}" ]]; then
+    if [[ ! -f "$COMFYUI_PATH/main.py" ]]; then
+        echo "[setup_env] COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no main.py); unset it to use the test host" >&2
+        exit 1
+    fi
     COMFY_DIR="$(cd "$COMFYUI_PATH" && pwd)"
     USE_HOST=0
 else
@@ -115,15 +119,15 @@ fi
 
 # 6. Frontend test dependencies (playwright-core drives the system chromium; no browser download).
 if [[ -f web/package.json ]]; then
-    web_key="$(cat web/package.json web/package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    web_key() { cat web/package.json web/package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1 || true; }
     web_stamp="web/node_modules/.hyperalign-setup-stamp"
-    if [[ -f "$web_stamp" && "$(cat "$web_stamp")" == "$web_key" ]]; then
+    if [[ -f "$web_stamp" && "$(cat "$web_stamp")" == "$(web_key)" ]]; then
         log "web/node_modules up to date"
     else
         log "installing web/ npm dependencies"
         if [[ -f web/package-lock.json ]]; then npm_cmd=ci; else npm_cmd=install; fi
         (cd web && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm "$npm_cmd" --no-audit --no-fund)
-        echo "$web_key" >"$web_stamp"
+        web_key >"$web_stamp" # after the install: `npm install` may have written package-lock.json
     fi
 fi
 

@@ -1,0 +1,177 @@
+"""The target table on its own: golden counts, ids, slices, hashes, presets (hyperalign.targets)."""
+
+from collections import defaultdict
+
+import pytest
+
+from hyperalign.targets import (
+    FLUX,
+    SD15,
+    DiTArch,
+    UNetArch,
+    arch_from_dict,
+    arch_to_dict,
+    build_table,
+    preset_names,
+    targets_sha256,
+)
+
+# Pinned so that an accidental change to the table (names, order, shapes, slices) fails here: a changed
+# table silently invalidates every predictor file trained against the old one.
+GOLDEN_SHA256 = {
+    (SD15, "attn"): "b1d9f32952a3c93f235245395c1ea3a029f018076ff5f1d2235f4eaf4251a9d8",
+    (SD15, "cross_attn"): "b254acf072ca78c361d84cf50314a139373bf5e6dc704336b9748602734667e6",
+    (FLUX, "attn"): "e06720a1c81fee06ef777cee1a1aeb8ec4fd971105fe679520cf1143d853b629",
+}
+
+GOLDEN_COUNTS = [
+    (SD15, "attn", 128),
+    (SD15, "cross_attn", 64),
+    (SD15, "self_attn", 64),
+    (FLUX, "attn", 19 * 8 + 38 * 3),
+    (FLUX, "double_attn", 19 * 8),
+    (FLUX, "img_attn", 19 * 4 + 38 * 3),
+    (FLUX, "attn_mlp", 19 * 8 + 38 * 5),
+]
+
+TINY_UNET = UNetArch(block_channels=(32, 64), attention_levels=(True, True), layers_per_block=1, context_dim=32)
+
+
+@pytest.mark.parametrize("family, preset, count", GOLDEN_COUNTS)
+def test_golden_counts(family, preset, count):
+    assert len(build_table(family).preset(preset)) == count
+
+
+def test_default_preset_is_attn():
+    for family in (SD15, FLUX):
+        table = build_table(family)
+        assert table.preset() == table.preset("attn")
+
+
+@pytest.mark.parametrize("family, preset", sorted(GOLDEN_SHA256))
+def test_pinned_hashes(family, preset):
+    assert targets_sha256(build_table(family).preset(preset)) == GOLDEN_SHA256[(family, preset)]
+
+
+def test_hash_sees_order_shapes_and_slices():
+    rows = build_table(FLUX).preset("attn")
+    base = targets_sha256(rows)
+    assert targets_sha256(rows[::-1]) != base
+    assert targets_sha256(rows[:-1]) != base
+    first = rows[0]
+    changed = type(first)(first.id, first.comfy, first.in_features, first.out_features, (1, 3073))
+    assert targets_sha256([changed, *rows[1:]]) != base
+    assert targets_sha256(list(rows)) == targets_sha256(tuple(rows))
+
+
+@pytest.mark.parametrize(
+    "family, arch",
+    [(SD15, None), (FLUX, None), (SD15, TINY_UNET), (FLUX, DiTArch(hidden_size=64, depth=2, depth_single_blocks=3))],
+)
+def test_ids_are_unique_and_comfy_slices_distinct(family, arch):
+    rows = build_table(family, arch).rows
+    assert len({t.id for t in rows}) == len(rows)
+    assert len({(t.comfy, t.out_slice) for t in rows}) == len(rows)
+    # a non-fused ComfyUI layer belongs to exactly one row
+    plain = [t.comfy for t in rows if t.out_slice is None]
+    assert len(set(plain)) == len(plain)
+    assert not set(plain) & {t.comfy for t in rows if t.out_slice is not None}
+
+
+@pytest.mark.parametrize("hidden, ratio", [(3072, 4.0), (64, 4.0), (48, 2.0)])
+def test_fused_slices_tile_the_fused_width(hidden, ratio):
+    table = build_table(FLUX, DiTArch(hidden_size=hidden, depth=2, depth_single_blocks=2, mlp_ratio=ratio))
+    slices = defaultdict(list)
+    for t in table.rows:
+        if t.out_slice is not None:
+            assert t.out_slice[1] - t.out_slice[0] == t.out_features
+            slices[t.comfy].append(t.out_slice)
+    assert set(slices) == {f"double_blocks.{i}.{s}_attn.qkv" for i in range(2) for s in ("img", "txt")} | {
+        f"single_blocks.{i}.linear1" for i in range(2)
+    }
+    for comfy, spans in slices.items():
+        spans.sort()
+        assert spans[0][0] == 0
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), comfy
+        fused_width = 3 * hidden + (int(hidden * ratio) if comfy.endswith("linear1") else 0)
+        assert spans[-1][1] == fused_width
+
+
+def test_sd15_shapes():
+    table = build_table(SD15)
+    index = table.by_id()
+    assert index["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"].in_features == 768
+    assert index["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"].in_features == 320
+    assert index["mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0"].out_features == 1280
+    up = index["up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v"]
+    assert (up.comfy, up.in_features) == ("output_blocks.11.1.transformer_blocks.0.attn1.to_v", 320)
+    assert index["down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q"].comfy == (
+        "input_blocks.8.1.transformer_blocks.0.attn1.to_q"
+    )
+    assert not any(t.id.startswith("down_blocks.3") or t.id.startswith("up_blocks.0") for t in table.rows)
+
+
+def test_transformer_depth_multiplies_sites():
+    assert len(build_table(SD15, UNetArch(transformer_depth=2)).rows) == 2 * 128
+
+
+def test_no_mid_attention():
+    rows = build_table(SD15, UNetArch(mid_attention=False)).rows
+    assert len(rows) == 120 and not any(t.id.startswith("mid_block") for t in rows)
+
+
+def test_select_keeps_order_and_names_unknown_ids():
+    table = build_table(SD15)
+    ids = [t.id for t in table.preset("attn")][::-1][:5]
+    assert [t.id for t in table.select(ids)] == ids
+    with pytest.raises(ValueError, match=r"HyperAlign: 1 target layer\(s\) do not exist in this sd15 model.*bogus"):
+        table.select([ids[0], "bogus.layer"])
+
+
+def test_unknown_preset_and_family():
+    with pytest.raises(ValueError, match="HyperAlign: unknown target preset 'mlp' for sd15"):
+        build_table(SD15).preset("mlp")
+    with pytest.raises(ValueError, match="HyperAlign: unknown model family 'sdxl'"):
+        build_table("sdxl")
+    assert preset_names(FLUX) == ["attn", "attn_mlp", "double_attn", "img_attn"]
+
+
+@pytest.mark.parametrize("family, arch", [(SD15, TINY_UNET), (SD15, UNetArch()), (FLUX, DiTArch(64, 1, 1))])
+def test_arch_dict_round_trip(family, arch):
+    data = arch_to_dict(arch)
+    assert arch_from_dict(family, data) == arch
+    assert build_table(family, data).rows == build_table(family, arch).rows
+
+
+def test_arch_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"HyperAlign: unknown flux architecture keys \['block_channels'\]"):
+        arch_from_dict(FLUX, {"block_channels": [32, 64]})
+
+
+@pytest.mark.parametrize(
+    "family, data",
+    [
+        (SD15, {"block_channels": [320, 640], "attention_levels": [True]}),
+        (SD15, {"block_channels": [320, 0], "attention_levels": [True, True]}),
+        (SD15, {"layers_per_block": 10**9}),
+        (SD15, {"layers_per_block": "2"}),
+        (SD15, {"context_dim": -1}),
+        (SD15, {"attention_levels": [1, 1, 1, 0]}),
+        (SD15, {"block_channels": [], "attention_levels": []}),
+        (FLUX, {"depth": 10**12}),
+        (FLUX, {"hidden_size": 3072.0}),
+        (FLUX, {"mlp_ratio": float("inf")}),
+        (FLUX, {"mlp_ratio": -1.0}),
+        (FLUX, {"mlp_ratio": float("nan")}),
+    ],
+)
+def test_absurd_architectures_are_rejected(family, data):
+    """Architecture numbers come from file headers: they are bounded before any table is generated."""
+    with pytest.raises(ValueError, match="HyperAlign: "):
+        build_table(family, data)
+
+
+def test_tiny_unet_rows():
+    rows = build_table(SD15, TINY_UNET).preset("attn")
+    assert len(rows) == 8 * (2 * 1 + 1 + 2 * 2)  # down 2 levels x 1, mid, up 2 levels x 2; 8 Linears per site
+    assert {t.in_features for t in rows} == {32, 64}

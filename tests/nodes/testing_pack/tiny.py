@@ -1,0 +1,116 @@
+"""Tiny random SD1.5 and FLUX models built with the host ComfyUI's own classes (test-only).
+
+Shared by the in-process tests and by the test node pack the HTTP server loads, so both see the
+same architectures. ComfyUI's ops leave parameters uninitialised (`torch.empty`), so every weight
+is drawn here from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+import torch
+
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 64,
+    "num_heads": 2,
+    "transformer_depth_output": [1, 1, 1, 1],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+FLUX_UNET_CONFIG = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 32,
+    "context_in_dim": 64,
+    "hidden_size": 64,
+    "mlp_ratio": 4.0,
+    "num_heads": 4,
+    "depth": 2,
+    "depth_single_blocks": 1,
+    "axes_dim": [4, 6, 6],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
+
+# The same architectures in HyperAlign's terms (hyperalign.targets.UNetArch / DiTArch fields).
+SD15_ARCH = {
+    "block_channels": [32, 64],
+    "attention_levels": [True, True],
+    "layers_per_block": 1,
+    "transformer_depth": 1,
+    "context_dim": 64,
+    "mid_attention": True,
+}
+FLUX_ARCH = {"hidden_size": 64, "depth": 2, "depth_single_blocks": 1, "mlp_ratio": 4.0}
+
+# Latent and conditioning shapes per family: (latent channels, context width, pooled width).
+SHAPES = {"sd15": (4, 64, None), "flux": (16, 64, 32)}
+
+
+def _initialise(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() >= 2:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
+            elif name.endswith("weight"):  # norm scales
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def build_model(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A fresh fp32 CPU ModelPatcher around a tiny random model of `family` ("sd15" or "flux")."""
+    if family == "sd15":
+        config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
+    elif family == "flux":
+        config = comfy.supported_models.Flux(dict(FLUX_UNET_CONFIG))
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    _initialise(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def conditioning(family: str, batch: int, seed: int, tokens: int = 7, guidance: float = 3.5) -> list:
+    """A ComfyUI CONDITIONING with `batch` different random prompts."""
+    _, width, pooled = SHAPES[family]
+    generator = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, tokens, width, generator=generator)
+    extras = {}
+    if pooled is not None:
+        extras = {"pooled_output": torch.randn(batch, pooled, generator=generator), "guidance": guidance}
+    return [[cond, extras]]
+
+
+def empty_latent(family: str, batch: int, size: int = 8) -> dict:
+    channels = SHAPES[family][0]
+    return {"samples": torch.zeros(batch, channels, size, size)}

@@ -1,0 +1,200 @@
+// Functions that run.mjs evaluates inside the ComfyUI page (each is sent as source text, so each
+// one is self-contained: no imports, no module-level names).
+
+/** Build the test graph with the page's LiteGraph API; returns what the widgets look like. */
+export async function buildGraph({ steps, predictor }) {
+  const { app, LiteGraph } = window;
+  const api = window.comfyAPI.api.api;
+  const graph = app.graph;
+  graph.clear();
+  const state = { errors: [], done: false, liveSteps: 0 };
+  window.__hyperalign = state;
+  api.addEventListener("execution_error", (e) => state.errors.push(e.detail));
+  api.addEventListener("execution_success", () => (state.done = true));
+  api.addEventListener("hyperalign.step", () => (state.liveSteps += 1));
+
+  const add = (type, pos, values = {}, { width = 0, title, collapsed = false } = {}) => {
+    const node = LiteGraph.createNode(type);
+    if (!node) throw new Error(`node type ${type} is not registered`);
+    graph.add(node);
+    node.pos = pos;
+    if (title) node.title = title;
+    for (const [name, value] of Object.entries(values)) {
+      const widget = node.widgets?.find((w) => w.name === name);
+      if (!widget) throw new Error(`${type} has no widget ${name}`);
+      widget.value = value;
+    }
+    node.setSize([Math.max(width, node.size[0]), node.computeSize()[1]]);
+    if (collapsed) node.collapse(true);
+    return node;
+  };
+  // Layout for the README screenshot: the test plumbing collapsed on the left, then the HyperAlign
+  // nodes and the sampler, left to right.
+  const fixed = { seed: 0, control_after_generate: "fixed" };
+  const sampling = { ...fixed, steps, cfg: 2, sampler_name: "euler", scheduler: "normal" };
+  const model = add(
+    "HyperAlignTestTinyModel",
+    [0, 200],
+    { ...fixed, family: "sd15" },
+    { title: "Tiny SD1.5 (test)", collapsed: true },
+  );
+  const cond = add(
+    "HyperAlignTestConditioning",
+    [0, 260],
+    { ...fixed, family: "sd15", batch: 1 },
+    { title: "Test prompts", collapsed: true },
+  );
+  const latent = add("EmptyLatentImage", [0, 320], { width: 64, height: 64, batch_size: 1 }, { collapsed: true });
+  const loader = add("HyperAlignLoader", [200, 0], { predictor_name: predictor }, { width: 300 });
+  const keysteps = add("HyperAlignKeysteps", [200, 130], { ...sampling, count: 3 }, { width: 300 });
+  const apply = add("HyperAlignApply", [540, 0], { mode: "S", strength: 1, keysteps: "" }, { width: 380 });
+  const sampler = add("KSampler", [960, 0], { ...sampling, denoise: 1 }, { width: 260 });
+  const save = add("SaveLatent", [960, 320], { filename_prefix: "hyperalign_browser_test" }, { collapsed: true });
+
+  model.connect(0, apply, "model");
+  loader.connect(0, apply, "predictor");
+  apply.connect(0, sampler, "model");
+  for (const target of [sampler, keysteps]) {
+    if (target === keysteps) model.connect(0, keysteps, "model");
+    cond.connect(0, target, "positive");
+    cond.connect(1, target, "negative");
+    latent.connect(0, target, "latent_image");
+  }
+  sampler.connect(0, save, "samples");
+  Object.assign(state, { loader, model, cond, latent, keysteps, apply, sampler, save });
+  state.linkKeysteps = () => {
+    keysteps.connect(0, apply, "keysteps");
+    app.canvas.draw(true, true);
+  };
+
+  const serialised = graph.serialize().nodes.find((n) => n.id === apply.id);
+  const prompt = await app.graphToPrompt();
+  const inputs = prompt.output[String(apply.id)]?.inputs ?? {};
+  return {
+    widgets: { apply: apply.widgets.map((w) => w.name), keysteps: keysteps.widgets.map((w) => w.name) },
+    widgetsSerialised:
+      serialised.widgets_values.length !== apply.widgets.filter((w) => w.serialize !== false).length ||
+      "timeline" in inputs ||
+      "dynamics" in inputs,
+  };
+}
+
+/** What the HyperAlign widgets hold now (plain JSON). */
+export function pageState() {
+  const s = window.__hyperalign;
+  const widget = (node, name) => node.widgets.find((w) => w.name === name);
+  const timeline = s.apply.hyperalignTimeline;
+  const outputs = window.app.nodeOutputs?.[String(s.keysteps.id)];
+  return JSON.parse(
+    JSON.stringify({
+      errors: s.errors,
+      run: s.apply.hyperalignRun ?? null,
+      liveSteps: s.liveSteps,
+      timeline: timeline && {
+        steps: timeline.steps,
+        calls: timeline.calls,
+        callSteps: timeline.cells.filter((c) => c.call).map((c) => c.index),
+        label: timeline.label,
+        basis: timeline.basis,
+        keysteps: timeline.schedule.keysteps,
+      },
+      keysteps: s.keysteps.hyperalignKeysteps ?? null,
+      keystepsImages: Math.max(s.keysteps.imgs?.length ?? 0, outputs?.images?.length ?? 0),
+      draws: {
+        timeline: widget(s.apply, "timeline").draws,
+        dynamics: widget(s.apply, "dynamics").draws,
+        keysteps: widget(s.keysteps, "keysteps_view").draws,
+      },
+      chartHeight: widget(s.apply, "dynamics").computeSize()[1],
+    }),
+  );
+}
+
+/**
+ * Hide (opacity 0) every element that is not the graph canvas or one of its ancestors (menus, toolbars,
+ * toasts), so a screenshot shows only the graph.
+ */
+export function hideChrome() {
+  for (let el = window.app.canvas.canvas; el.parentElement; el = el.parentElement) {
+    // opacity, not visibility: a child cannot override it
+    for (const sibling of el.parentElement.children) if (sibling !== el) sibling.style.opacity = "0";
+  }
+}
+
+/** Zoom and pan so every node fits the free middle of the window; returns the screenshot clip. */
+export function fitView() {
+  const { app, LiteGraph } = window;
+
+  const canvas = app.canvas;
+  canvas.deselectAll?.();
+  const title = LiteGraph.NODE_TITLE_HEIGHT;
+  const rects = app.graph.nodes.map(
+    (n) => n.boundingRect ?? [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title],
+  );
+  const box = [
+    Math.min(...rects.map((r) => r[0])),
+    Math.min(...rects.map((r) => r[1])),
+    Math.max(...rects.map((r) => r[0] + r[2])),
+    Math.max(...rects.map((r) => r[1] + r[3])),
+  ];
+  const rect = canvas.canvas.getBoundingClientRect();
+  const free = { left: 24, top: 24, right: 24, bottom: 24 };
+  const width = rect.width - free.left - free.right;
+  const height = rect.height - free.top - free.bottom;
+  const scale = Math.min(width / (box[2] - box[0]), height / (box[3] - box[1]), 1.25);
+  canvas.ds.scale = scale;
+  canvas.ds.offset[0] = (free.left + width / 2) / scale - (box[0] + box[2]) / 2;
+  canvas.ds.offset[1] = (free.top + height / 2) / scale - (box[1] + box[3]) / 2;
+  canvas.setDirty(true, true);
+  canvas.draw(true, true);
+  const pad = 14;
+  const toScreen = (x, y) => [
+    (x + canvas.ds.offset[0]) * scale + rect.left,
+    (y + canvas.ds.offset[1]) * scale + rect.top,
+  ];
+  const [x0, y0] = toScreen(box[0], box[1]);
+  const [x1, y1] = toScreen(box[2], box[3]);
+  return { x: Math.max(0, x0 - pad), y: Math.max(0, y0 - pad), width: x1 - x0 + 2 * pad, height: y1 - y0 + 2 * pad };
+}
+
+/** Pixels near each HyperAlign colour inside each widget's area of the graph canvas. */
+export function canvasColourCounts() {
+  const { app } = window;
+  const s = window.__hyperalign;
+  const canvas = app.canvas;
+  canvas.draw(true, true);
+  const element = canvas.canvas;
+  const ratio = element.width / element.getBoundingClientRect().width;
+  const ctx = element.getContext("2d");
+  const colours = {
+    call: [0x5b, 0x9c, 0xf5],
+    norm: [0x8f, 0xd1, 0x6a],
+    relative_change: [0xf5, 0xa2, 0x5b],
+    keystep: [0xe6, 0xb4, 0x50],
+  };
+  const count = (node, name) => {
+    const widget = node.widgets.find((w) => w.name === name);
+    const top = node.pos[1] + (widget.last_y ?? widget.y);
+    const bottom = top + widget.computeSize()[1];
+    const toPixels = (x, y) => [
+      (x + canvas.ds.offset[0]) * canvas.ds.scale * ratio,
+      (y + canvas.ds.offset[1]) * canvas.ds.scale * ratio,
+    ];
+    const [x0, y0] = toPixels(node.pos[0], top).map(Math.floor);
+    const [x1, y1] = toPixels(node.pos[0] + node.size[0], bottom).map(Math.ceil);
+    const data = ctx.getImageData(x0, y0, Math.max(1, x1 - x0), Math.max(1, y1 - y0)).data;
+    const counts = Object.fromEntries(Object.keys(colours).map((k) => [k, 0]));
+    for (let i = 0; i < data.length; i += 4) {
+      for (const [key, [r, g, b]] of Object.entries(colours)) {
+        if (Math.abs(data[i] - r) < 24 && Math.abs(data[i + 1] - g) < 24 && Math.abs(data[i + 2] - b) < 24)
+          counts[key] += 1;
+      }
+    }
+    return counts;
+  };
+  return {
+    timeline: count(s.apply, "timeline"),
+    dynamics: count(s.apply, "dynamics"),
+    keysteps: count(s.keysteps, "keysteps_view"),
+  };
+}
