@@ -21,7 +21,7 @@ head predicts small coefficient matrices A_b (r, k) and B_b (k, r), so
     down_b = A_b @ P_t  (r, i),   up_b = Q_t @ B_b  (o, r).
 Heads are shared by all targets of one (i, o) shape (the decoded token already says which target
 it is), so there are only a handful of them. Cost: ~k * (i + o) parameters per target plus a few
-heads; for SD1.5 rank 8, k 32, all 128 targets: about 15 M (see scripts/model_sizes.py). Trade-off:
+heads; for SD1.5 rank 8, k 32, all 128 targets: 10 M at d=256, 18 M at d=512 (scripts/model_sizes.py). Trade-off:
 per-sample LoRAs live in a learned k-dimensional input and output subspace per layer rather than
 the full space; k is a config knob (k = min(i, o) recovers full expressivity).
 

@@ -84,7 +84,7 @@ def _unet_arch(config: dict) -> UNetArch:
     if len(depths) > 1:
         raise _unsupported_unet(f"transformer depths {sorted(depths)}")
     attention = tuple(level[0] > 0 for level in levels)
-    expected_out = [d for level in reversed(levels) for d in [level[0]] * (per_level + 1)]
+    expected_out = [d for level in levels for d in [level[0]] * (per_level + 1)]  # ComfyUI pops from the end
     if list(config.get("transformer_depth_output", expected_out)) != expected_out:
         raise _unsupported_unet(f"transformer_depth_output {config.get('transformer_depth_output')}")
     middle = config.get("transformer_depth_middle")

@@ -1,0 +1,337 @@
+"""HyperAlign's sampling overhead against plain sampling, on the real ComfyUI (see docs/performance.md).
+
+    python benchmarks/overhead.py                                   # SD1.5 + FLUX-shaped, the defaults below
+    python benchmarks/overhead.py --family sd15 --steps 20 --batch 1 4 --latent 16 --runs 3
+
+In one process: plain sampling (comfy.sample.sample, euler) and the same model patched by the
+HyperAlign Apply node in modes S, P (keysteps 0, 0.3, 0.6) and I, interleaved, after a warm-up.
+Prints Markdown tables: seconds per image (median), the ratio to plain taken round by round,
+hypernet calls, extra peak memory; then where the time goes (one instrumented S run per family)
+and the hypernet's size for the real-size configs. Runs on CUDA when present (--device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.append(str(REPO_ROOT))  # after ComfyUI's path: its nodes.py must win over this repo's nodes/
+
+import bench_measure as bm  # noqa: E402
+import bench_models as models  # noqa: E402
+
+MODES = {"S": "", "P": "0, 0.3, 0.6", "I": ""}
+MB = 1024 * 1024
+log = print
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", nargs="+", default=["sd15", "flux"], choices=["sd15", "flux"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--runs", type=int, default=3, help="timed rounds per configuration (after one warm-up)")
+    p.add_argument("--latent", type=int, default=16, help="SD1.5 latent side (16 = 128 px)")
+    p.add_argument("--flux-latent", type=int, default=8, help="FLUX latent side (8 = 64 px = 16 image tokens)")
+    p.add_argument("--flux-tokens", type=int, default=16, help="FLUX T5 tokens (ComfyUI pads real prompts to 256)")
+    p.add_argument("--flux-blocks", type=int, nargs=2, default=[2, 4], metavar=("DOUBLE", "SINGLE"))
+    p.add_argument("--cfg", type=float, default=5.0, help="SD1.5 CFG scale")
+    p.add_argument("--flux-cfg", type=float, nargs="+", default=[1.0, 3.5], help="FLUX CFG scales (1 = no negative)")
+    p.add_argument("--flux-batch", type=int, nargs="+", default=None, help="FLUX batch sizes (default: --batch)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--memory-steps", type=int, default=4, help="steps of the one untimed run per config probing memory")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--breakdown-batch", type=int, nargs="+", default=[1], help="batch sizes of the instrumented runs")
+    p.add_argument("--no-fuse", action="store_true", help="always use the forward-hook path (for before/after)")
+    p.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or the test host)")
+    p.add_argument("--out", default=None, help="also write the Markdown report here")
+    return p.parse_args(argv)
+
+
+class FamilyBench:
+    """One family's model, predictor and patched models, and the measurements on them."""
+
+    def __init__(self, host, family: str, args, device: torch.device, dtype: torch.dtype):
+        self.host, self.family, self.args, self.device = host, family, args, device
+        started = time.perf_counter()
+        self.model, arch = models.build_model(host, family, dtype, tuple(args.flux_blocks))
+        name, self.params, self.file_bytes = models.save_random_predictor(
+            host, family, arch, f"bench_{family}.safetensors"
+        )
+        self.loaded = host.node("HyperAlignLoader", predictor_name=name)[0]
+        self.configs = {"plain": self.model}
+        for mode, keysteps in MODES.items():
+            self.configs[mode] = host.node(
+                "HyperAlignApply",
+                model=self.model,
+                predictor=self.loaded,
+                mode=mode,
+                strength=1.0,
+                start_percent=0.0,
+                end_percent=1.0,
+                keysteps=keysteps,
+            )[0]
+        weights = sum(p.numel() for p in self.model.model.diffusion_model.parameters())
+        log(f"{family}: model {weights / 1e6:.1f} M parameters, built in {time.perf_counter() - started:.0f} s")
+        self.latent = args.latent if family == "sd15" else args.flux_latent
+        self.tokens = 77 if family == "sd15" else args.flux_tokens
+        self.scheduler = "normal" if family == "sd15" else "simple"
+
+    def sampler(self, batch: int, cfg: float, steps: int):
+        latent = models.empty_latent(self.family, batch, self.latent)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        positive = models.conditioning(self.family, batch, 1, self.tokens, self.device)
+        negative = models.conditioning(self.family, 1, 2, self.tokens, self.device)
+        sample = self.host.comfy.sample.sample
+
+        def run(model):
+            return sample(
+                model, noise, steps, cfg, "euler", self.scheduler, positive, negative, latent, seed=0, disable_pbar=True
+            )
+
+        return run
+
+    def time_all(self, batch: int, cfg: float) -> list[dict]:
+        args = self.args
+        log(
+            f"{self.family} batch {batch} cfg {cfg}: warm-up, then {args.runs} interleaved rounds of {args.steps} steps"
+        )
+        warm = self.sampler(batch, cfg, 2)
+        for model in self.configs.values():
+            warm(model)
+        sample = self.sampler(batch, cfg, args.steps)
+        calls = {}
+
+        def run(model):  # also counts the hypernet calls the nodes report to the UI
+            UI.clear()
+            sample(model)
+            calls[id(model)] = sum(len(d["calls"]) for e, d in UI if e == "hyperalign.run")
+
+        series = bm.interleaved(self.configs, run, args.runs, self.device, log)
+        memory = {}
+        if not args.no_memory:
+            probe = self.sampler(batch, cfg, args.memory_steps)
+            for name, model in self.configs.items():
+                memory[name] = bm.peak_extra_bytes(lambda model=model: probe(model), self.device)
+        rows = []
+        for name, s in series.items():
+            rows.append(
+                dict(
+                    family=self.family,
+                    batch=batch,
+                    cfg=cfg,
+                    mode=name,
+                    wall=s.median("wall") / batch,
+                    cpu=s.median("cpu") / batch,
+                    ratio_wall=s.ratio("wall"),
+                    spread_wall=s.ratio_spread("wall"),
+                    ratio_cpu=s.ratio("cpu"),
+                    spread_cpu=s.ratio_spread("cpu"),
+                    calls=calls[id(self.configs[name])],
+                    extra_mb=(memory[name] - memory["plain"]) / MB if memory else float("nan"),
+                )
+            )
+        return rows
+
+    def breakdown(self, batch: int, cfg: float, mode: str = "S") -> dict:
+        """One instrumented run: seconds per step in the encoder, the hypernet, the UI statistics, binding
+        and the LoRA side path, next to a plain step's seconds."""
+        pack = self.host
+        encoders = pack.submodule("nodes.encoders")
+        runtime = pack.submodule("hyperalign.runtime")
+        lora = pack.submodule("hyperalign.lora")
+        hypernet = self.loaded.predictor.hypernet
+        run = self.sampler(batch, cfg, self.args.steps)
+        plain = bm.timed(lambda: run(self.model), self.device).wall
+        b = bm.Breakdown(self.device)
+        patches = [
+            (encoders, "perception_features", "encoder"),
+            (runtime, "factor_stats", "factor_stats"),
+            (lora.LoRAState, "bind", "bind"),
+            (lora, "lora_delta", "side path (lora_delta)"),
+        ]
+        for name in ("fuse", "unfuse"):
+            if hasattr(lora, name):
+                patches.append((lora, name, name))
+        hypernet.forward = b.wrap("hypernet", hypernet.forward)
+        try:
+            with _all(b.patched(*p) for p in patches):
+                total = bm.timed(lambda: run(self.configs[mode]), self.device).wall
+        finally:
+            del hypernet.forward
+        steps = self.args.steps
+        parts = {name: seconds / steps for name, seconds in b.seconds.items()}
+        return dict(plain_step=plain / steps, total_step=total / steps, parts=parts, counts=dict(b.count))
+
+
+class _all:
+    """Enter several context managers (contextlib.ExitStack without the ceremony)."""
+
+    def __init__(self, managers):
+        self.managers = list(managers)
+
+    def __enter__(self):
+        for m in self.managers:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self.managers):
+            m.__exit__(*exc)
+
+
+class _Recorder(list):
+    def send_sync(self, event, data, sid=None):
+        self.append((event, data))
+
+
+UI = _Recorder()
+
+
+def install_ui_recorder() -> None:
+    """A stand-in PromptServer: the nodes then send their per-step statistics as in a real ComfyUI."""
+    sys.modules["server"] = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=UI))
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def timing_table(rows: list[dict], cpu_metric: bool) -> str:
+    head = "| model | batch | cfg | mode | s/image (wall) | ratio (wall) |"
+    sep = "|---|---|---|---|---|---|"
+    if cpu_metric:
+        head += " s/image (CPU) | ratio (CPU) |"
+        sep += "---|---|"
+    head += " hypernet calls | extra peak MB |"
+    sep += "---|---|"
+    lines = [head, sep]
+    for r in rows:
+        line = (
+            f"| {r['family']} | {r['batch']} | {r['cfg']:g} | {r['mode']} | {r['wall']:.3f} | "
+            f"{r['ratio_wall']:.3f} ± {r['spread_wall']:.3f} |"
+        )
+        if cpu_metric:
+            line += f" {r['cpu']:.3f} | {r['ratio_cpu']:.3f} ± {r['spread_cpu']:.3f} |"
+        line += f" {r['calls']} | {r['extra_mb']:.0f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def breakdown_table(family: str, batch: int, cfg: float, info: dict) -> str:
+    plain = info["plain_step"]
+    lines = [
+        f"{family}, batch {batch}, cfg {cfg:g}, mode S, seconds per step (instrumented run: device syncs "
+        "around each part, so the total is a little above the timed runs):",
+        "",
+        "| part | s/step | share of a plain step | calls |",
+        "|---|---|---|---|",
+        f"| plain step | {plain:.4f} | 100.0 % | |",
+        f"| HyperAlign step | {info['total_step']:.4f} | {100 * info['total_step'] / plain:.1f} % | |",
+    ]
+    for name, seconds in info["parts"].items():
+        lines.append(f"| {name} | {seconds:.4f} | {100 * seconds / plain:.1f} % | {info['counts'][name]} |")
+    rest = info["total_step"] - plain - sum(info["parts"].values())
+    lines.append(f"| rest (hooks, wrappers, scheduling) | {rest:.4f} | {100 * rest / plain:.1f} % | |")
+    return "\n".join(lines)
+
+
+def sizes_table(benches: list[FamilyBench], args) -> str:
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import model_sizes
+
+    lines = [
+        "| predictor | targets | parameters | file fp32 MB | file bf16 MB |",
+        "|---|---|---|---|---|",
+    ]
+    for family in ("sd15", "flux"):
+        row = model_sizes.measure(family, None, models.hypernet_config(family).rank, "attn")
+        lines.append(
+            f"| {family} real size (scripts/model_sizes.py) | {row.targets} | {row.params / 1e6:.2f} M | "
+            f"{row.file_fp32_mb:.1f} | {row.file_bf16_mb:.1f} |"
+        )
+    for bench in benches:
+        double, single = args.flux_blocks
+        shape = "real SD1.5" if bench.family == "sd15" else f"FLUX-shaped {double}+{single} blocks"
+        lines.append(
+            f"| benchmark {bench.family} ({shape}), as saved | {len(bench.loaded.predictor.targets)} | "
+            f"{bench.params / 1e6:.2f} M | {bench.file_bytes / MB:.1f} | |"
+        )
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        what = f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{what}; torch {torch.__version__}; python {platform.python_version()}"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    want = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(want)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    started = time.perf_counter()
+    host = models.start_host(args.comfyui, want)
+    install_ui_recorder()
+    if args.no_fuse:
+        comfy_patch = host.submodule("nodes.comfy_patch")
+        if hasattr(comfy_patch, "FUSE"):
+            comfy_patch.FUSE = False
+    rows, breakdowns, benches = [], [], []
+    for family in args.family:
+        bench = FamilyBench(host, family, args, device, dtype)
+        benches.append(bench)
+        batches = args.flux_batch if (family == "flux" and args.flux_batch) else args.batch
+        cfgs = [args.cfg] if family == "sd15" else args.flux_cfg
+        for batch in batches:
+            for cfg in cfgs:
+                rows += bench.time_all(batch, cfg)
+        if not args.no_breakdown:
+            for batch in args.breakdown_batch:
+                breakdowns.append(breakdown_table(family, batch, cfgs[-1], bench.breakdown(batch, cfgs[-1])))
+        bench.model = bench.configs = None  # free the model before the next family
+        gc.collect()
+    report = [
+        f"Machine: {machine(device)}; ComfyUI at {models.DEFAULT_COMFYUI if not args.comfyui else args.comfyui}",
+        f"Command: python benchmarks/overhead.py {' '.join(sys.argv[1:])}",
+        f"Steps {args.steps}, euler; SD1.5 latent {args.latent}x{args.latent}; FLUX-shaped "
+        f"{args.flux_blocks[0]} double + {args.flux_blocks[1]} single blocks, "
+        f"latent {args.flux_latent}x{args.flux_latent}, "
+        f"{args.flux_tokens} T5 tokens; {args.dtype}; fusing {'off' if args.no_fuse else 'on'}; "
+        f"total wall time {time.perf_counter() - started:.0f} s",
+        "",
+        timing_table(rows, device.type == "cpu"),
+        "",
+        *[block + "\n" for block in breakdowns],
+        sizes_table(benches, args),
+    ]
+    text = "\n".join(report)
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: ComfyUI's ModelPatcher.__del__ fails noisily once modules are gone

@@ -1,0 +1,13 @@
+"""HyperAlign trainer: trains the hypernetwork of :mod:`hyperalign` on a frozen SD1.5 or FLUX base model.
+
+Entry points (each ``python -m training.<name> --help``):
+
+- ``training.train``          train a predictor (paper §4.3), resumable, 1..N GPUs and 1..M nodes
+- ``training.keysteps``       P-mode keysteps from base-model trajectories (paper §4.2, Fig. 4)
+- ``training.cache_latents``  encode the preferred images of the preference data once
+- ``training.evaluate``       base model vs predictor (S, I, P): reward metrics, diversity, seconds per image
+- ``training.export``         write the predictor file of any checkpoint
+
+Imports flow one way: ``training`` imports ``hyperalign``, never the ComfyUI nodes, and nothing in
+``hyperalign`` or ``nodes`` imports ``training``.
+"""

@@ -1,0 +1,111 @@
+"""Sampling with a hypernet in the loop, driven by :class:`hyperalign.runtime.AlignRun`.
+
+``rollout`` denoises without gradients up to a step and reports which prediction's LoRA is in force
+there: for S the one made at that step, for I the one made at the first step, for P the one made at
+the step that opened that keystep segment, exactly as inference (ComfyUI) would. The trainer then
+re-runs the hypernet *with* gradients on that prediction's saved inputs, so the objective trains
+the very prediction the mode uses. ``generate`` runs the whole trajectory (sample grids, evaluation,
+keystep discovery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hyperalign.runtime import AlignRun
+
+from .models import Cond, Family, Schedule
+
+
+@dataclass
+class HypernetInputs:
+    """What the hypernet saw at `step`: perception tokens (b, n, c), progress (b,), context (b, L, d)."""
+
+    step: int
+    features: torch.Tensor
+    progress: torch.Tensor
+    context: torch.Tensor
+
+    def run(self, hypernet):
+        return hypernet(self.features, self.progress, self.context.float())
+
+
+def sample_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (run seed, stream, step, sample number, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def per_sample_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tensor:
+    """One Gaussian tensor of `shape` per seed, drawn on the CPU so any device and any batching agree."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+def per_sample_uniform(seeds: list[int], device) -> torch.Tensor:
+    return torch.stack([torch.rand((), generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+class Trajectory:
+    """One sampling run of a batch: the family, the hypernet (or None: the base model) and the mode."""
+
+    def __init__(
+        self,
+        family: Family,
+        hypernet,
+        hcfg,
+        cond: Cond,
+        schedule: Schedule,
+        guidance: float,
+        mode: str = "S",
+        keysteps=(0.0,),
+    ):
+        self.family, self.hypernet, self.hcfg, self.cond = family, hypernet, hcfg, cond
+        self.schedule, self.guidance = schedule, guidance
+        self.run = AlignRun(mode, tuple(keysteps))
+        self.last: HypernetInputs | None = None
+
+    def _predictor(self, i: int, x: torch.Tensor) -> Callable:
+        def predict():
+            b = x.shape[0]
+            t = self.family.timesteps(self.schedule.t[i], b)
+            features = self.family.features(x, t, self.cond, self.hcfg, self.guidance)
+            progress = torch.full((b,), self.schedule.progress[i], device=x.device)
+            self.last = HypernetInputs(i, features, progress, self.cond.context)
+            return self.last.run(self.hypernet)
+
+        return predict
+
+    def factors_at(self, i: int, x: torch.Tensor):
+        if self.hypernet is None:
+            return None
+        return self.run.factors_at(i, self.schedule.progress[i], self._predictor(i, x))
+
+    def model_step(self, i: int, x: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next x, one-step x0 prediction) from step i."""
+        t = self.family.timesteps(self.schedule.t[i], x.shape[0])
+        pred = self.family.predict(x, t, self.cond, factors, self.guidance)
+        return self.family.step(x, pred, i, self.schedule), self.family.x0(x, pred, t)
+
+    @torch.no_grad()
+    def rollout(self, x: torch.Tensor, stop: int) -> tuple[torch.Tensor, HypernetInputs | None]:
+        """x at step `stop` (steps 0..stop-1 run) and the inputs of the prediction in force at `stop`."""
+        for i in range(stop):
+            x, _ = self.model_step(i, x, self.factors_at(i, x))
+        if stop < len(self.schedule):
+            self.factors_at(stop, x)
+        self.family.state.clear()
+        return x, self.last
+
+    @torch.no_grad()
+    def generate(self, x: torch.Tensor, collect_x0: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final latents of the whole trajectory, and the x0 prediction of every step if asked."""
+        x0s = []
+        for i in range(len(self.schedule)):
+            x, x0 = self.model_step(i, x, self.factors_at(i, x))
+            if collect_x0:
+                x0s.append(x0.float().cpu())
+        self.family.state.clear()
+        return x, x0s

@@ -1,0 +1,58 @@
+"""A toy world in which the whole HyperAlign chain runs on a CPU in minutes (see README.md here).
+
+Helpers for drivers and tests; nothing heavy is imported here:
+
+- :data:`ASSETS`, :data:`MODEL_DIR`, :data:`CLIP_FILE`, :data:`AESTHETIC_FILE`, :data:`PREFS_FILE`,
+  :data:`PROMPTS_DIR`: where ``python -m training.toy.build`` writes what it makes;
+- :func:`load_prompts` ("train" or "heldout"), :func:`sample_prompts`;
+- :func:`render_prompt`: a toy prompt as an ideal (or styled) 32x32 image;
+- :func:`unet_arch`: the ``hyperalign.targets.UNetArch`` of the toy UNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODEL_DIR = ASSETS / "model"  # a diffusers Stable Diffusion folder
+CLIP_FILE = ASSETS / "rewards" / "toy_clip.safetensors"
+AESTHETIC_FILE = ASSETS / "rewards" / "toy_aesthetic.safetensors"
+PREFS_FILE = ASSETS / "prefs" / "pairs.jsonl"
+PROMPTS_DIR = ASSETS / "prompts"
+REPORT_FILE = ASSETS / "report.json"
+SPLITS = ("train", "heldout")
+BUILD_HINT = "run python -m training.toy.build"
+
+
+def prompts_file(split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"HyperAlign: unknown toy prompt split {split!r}; choose one of {SPLITS}.")
+    return PROMPTS_DIR / f"{split}.txt"
+
+
+def load_prompts(split: str = "train") -> list[str]:
+    path = prompts_file(split)
+    if not path.is_file():
+        raise FileNotFoundError(f"HyperAlign: toy prompt file '{path}' not found. HINT: {BUILD_HINT}")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def sample_prompts(split: str, count: int, seed: int = 0) -> list[str]:
+    """`count` distinct prompts of a split, the same for the same seed."""
+    import random
+
+    prompts = load_prompts(split)
+    return random.Random(seed).sample(prompts, min(count, len(prompts)))
+
+
+def render_prompt(prompt: str, seed: int = 0, style=None):
+    """The (32, 32, 3) uint8 image of a toy prompt; `style` None is the ideal, clean rendering."""
+    from . import world
+
+    return world.render(world.parse_prompt(prompt), style or world.Style(), seed)
+
+
+def unet_arch():
+    from .nets import unet_arch as arch
+
+    return arch()

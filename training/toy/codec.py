@@ -1,0 +1,61 @@
+"""Stage 1: the latent codec, a tiny ``AutoencoderKL`` (32x32 RGB <-> 4x8x8), trained on toy renders.
+
+Loss as in latent diffusion minus the GAN: pixel MSE plus a small KL term that keeps the latents
+near a unit Gaussian. The scaling factor is then set so the scaled latents have unit std, as SD1.5's
+0.18215 does for its VAE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fitting import Progress, deterministic, set_lr
+from .nets import vae_config
+
+
+def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, threads: int, log, kl_weight: float = 1e-5):
+    """`images` (n, 3, 32, 32) in [0, 1] -> a trained AutoencoderKL in eval mode."""
+    from diffusers import AutoencoderKL
+
+    generator = deterministic(seed, threads)
+    vae = AutoencoderKL(**vae_config())
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    progress = Progress("vae", steps, max(1, steps // 10), log)
+    data = images * 2 - 1
+    for step in range(steps):
+        set_lr(optimizer, step, steps, 2e-3)
+        x = data[torch.randint(0, len(data), (batch,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        loss = (recon - x).pow(2).mean() + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        progress(step, loss.item())
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (unscaled) of (n, 3, 32, 32) images in [0, 1]."""
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        posterior = vae.encode(images[start : start + batch] * 2 - 1).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Unscaled latents -> images in [0, 1]."""
+    out = [vae.decode(latents[s : s + batch]).sample for s in range(0, len(latents), batch)]
+    return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+
+
+def scaling_factor(latent_means: torch.Tensor) -> float:
+    """1 / std of the latents, to 4 significant digits (SD1.5's VAE has 0.18215)."""
+    return float(f"{1.0 / latent_means.float().std().item():.4g}")

@@ -1,0 +1,155 @@
+"""Stage 2: the toy reward models.
+
+toy_clip is trained contrastively (CLIP's symmetric InfoNCE) on renders of *every* scene, held-out
+ones included: it is the judge, and a judge must know red triangles even though the generator never
+sees one. Each batch is built from groups of a scene plus one hard negative per attribute (the same
+scene with only its colour, or only its count, ... changed), so fine attributes are learned early.
+
+toy_aesthetic never sees the taste rule: it is trained with the Bradley-Terry loss on pairs of
+renders of the same scene in two styles, labelled by which one the hidden taste prefers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+from .fitting import Progress, deterministic, set_lr
+from .nets import ToyAesthetic, ToyClip
+from .renders import RenderPool
+
+
+def _group_batch(specs: list[world.SceneSpec], index: dict, groups: int, rng: np.random.Generator) -> list[int]:
+    rows = []
+    for base in rng.choice(len(specs), size=groups, replace=False):
+        rows.append(int(base))
+        for attribute in world.ATTRIBUTES:
+            rows.append(index[world.perturb(specs[base], attribute, rng)])
+    return rows
+
+
+def train_clip(
+    pool: RenderPool,
+    text_config,
+    token_ids: torch.Tensor,
+    steps: int,
+    groups: int,
+    seed: int,
+    threads: int,
+    log,
+    augment=None,
+) -> ToyClip:
+    """`token_ids` (len(pool.specs), 77); `augment(images, generator, rows)` may alter a batch (e.g. VAE round trip)."""
+    generator = deterministic(seed, threads)
+    rng = np.random.default_rng(seed)
+    clip = ToyClip(text_config)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.01)
+    index = {s: i for i, s in enumerate(pool.specs)}
+    progress = Progress("toy_clip", steps, max(1, steps // 10), log)
+    for step in range(steps):
+        set_lr(optimizer, step, steps, 2e-3)
+        spec_rows = _group_batch(pool.specs, index, groups, rng)
+        image_rows = [r * pool.per_spec + int(rng.integers(pool.per_spec)) for r in spec_rows]
+        images = pool.tensor(image_rows)
+        if augment is not None:
+            images = augment(images, generator, image_rows)
+        image_emb = clip.embed_images(images)
+        text_emb = clip.embed_text(token_ids[spec_rows])
+        logits = clip.logit_scale.clamp(max=4.6).exp() * image_emb @ text_emb.T
+        same = torch.tensor(spec_rows)[:, None] == torch.tensor(spec_rows)[None, :]
+        logits = logits.masked_fill(same & ~torch.eye(len(spec_rows), dtype=torch.bool), float("-inf"))
+        labels = torch.arange(len(spec_rows))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress(step, loss.item())
+    return clip.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def clip_accuracy(
+    clip: ToyClip, pool: RenderPool, token_ids: torch.Tensor, candidates: torch.Tensor, candidate_specs: list, seed: int
+) -> dict:
+    """On fresh renders: top-1 retrieval of the prompt among all `candidates`, and per attribute the
+    share of images that score their own prompt above the prompt with that attribute changed."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(pool.images))
+    image_emb = torch.cat([clip.embed_images(pool.tensor(rows[s : s + 512])) for s in range(0, len(rows), 512)])
+    cand_emb = torch.cat([clip.embed_text(candidates[s : s + 512]) for s in range(0, len(candidates), 512)])
+    where = {s: i for i, s in enumerate(candidate_specs)}
+    truth = torch.tensor([where[pool.specs[r // pool.per_spec]] for r in rows])
+    top1 = (image_emb @ cand_emb.T).argmax(1).eq(truth).float().mean().item()
+    own = (image_emb * cand_emb[truth]).sum(-1)
+    result = {"retrieval_top1": round(top1, 4), "candidates": len(candidate_specs)}
+    for attribute in world.ATTRIBUTES:
+        other = torch.tensor([where[world.perturb(pool.specs[r // pool.per_spec], attribute, rng)] for r in rows])
+        result[f"beats_wrong_{attribute}"] = round(
+            (own > (image_emb * cand_emb[other]).sum(-1)).float().mean().item(), 4
+        )
+    return result
+
+
+def _pairs(pool: RenderPool, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    spec = rng.integers(len(pool.specs), size=count)
+    first = rng.integers(pool.per_spec, size=count)
+    second = (first + 1 + rng.integers(pool.per_spec - 1, size=count)) % pool.per_spec
+    return spec * pool.per_spec + first, spec * pool.per_spec + second
+
+
+def train_aesthetic(pool: RenderPool, steps: int, batch: int, seed: int, threads: int, log, augment=None):
+    generator = deterministic(seed, threads)
+    rng = np.random.default_rng(seed)
+    model = ToyAesthetic()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    tastes = torch.from_numpy(pool.tastes()).float()
+    progress = Progress("toy_aesthetic", steps, max(1, steps // 10), log)
+    for step in range(steps):
+        set_lr(optimizer, step, steps, 2e-3)
+        a, b = _pairs(pool, batch, rng)
+        rows = np.concatenate([a, b])
+        images = pool.tensor(rows)
+        if augment is not None:
+            images = augment(images, generator, rows)
+        score_a, score_b = model.raw(images).split(batch)
+        sign = torch.sign(tastes[a] - tastes[b])
+        loss = F.softplus(-sign * (score_a - score_b)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress(step, loss.item())
+    model.eval().requires_grad_(False)
+    with torch.no_grad():  # standardise over the render distribution
+        raw = torch.cat(
+            [
+                model.raw(pool.tensor(np.arange(s, min(s + 512, len(pool.images)))))
+                for s in range(0, min(len(pool.images), 4096), 512)
+            ]
+        )
+        model.offset.fill_(raw.mean().item())
+        model.scale.fill_(raw.std().item())
+    return model
+
+
+@torch.no_grad()
+def aesthetic_accuracy(model: ToyAesthetic, pool: RenderPool, pairs: int, seed: int) -> dict:
+    """Share of fresh pairs (any two renders) ordered as the hidden taste orders them; also for clear
+    pairs (|Δtaste| > 0.5)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(len(pool.images), size=pairs)
+    b = (a + 1 + rng.integers(len(pool.images) - 1, size=pairs)) % len(pool.images)
+    tastes = pool.tastes()
+    scores = torch.cat([model(pool.tensor(r)) for r in np.array_split(np.concatenate([a, b]), 8)]).numpy()
+    agree = np.sign(scores[:pairs] - scores[pairs:]) == np.sign(tastes[a] - tastes[b])
+    clear = np.abs(tastes[a] - tastes[b]) > 0.5
+    spearman = np.corrcoef(
+        np.argsort(np.argsort(scores)), np.argsort(np.argsort(np.concatenate([tastes[a], tastes[b]])))
+    )
+    return {
+        "pairwise_accuracy": round(float(agree.mean()), 4),
+        "pairwise_accuracy_clear": round(float(agree[clear].mean()), 4),
+        "spearman_taste": round(float(spearman[0, 1]), 4),
+        "pairs": pairs,
+    }
