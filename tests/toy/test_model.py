@@ -11,6 +11,13 @@ from training import toy
 from training.toy import nets, world
 from training.toy.vocab import WordTokenizer
 
+needs_assets = pytest.mark.skipif(
+    not toy.assets_built(), reason="toy world assets not built yet: run python -m training.toy.build (issue #5)"
+)
+
+
+pytestmark = needs_assets
+
 MAX_ASSET_BYTES = 8 * 1024 * 1024
 
 

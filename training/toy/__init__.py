@@ -56,3 +56,8 @@ def unet_arch():
     from .nets import unet_arch as arch
 
     return arch()
+
+
+def assets_built() -> bool:
+    """Whether the toy world's trained assets exist (they are built by ``python -m training.toy.build``)."""
+    return (MODEL_DIR / "model_index.json").is_file() and PREFS_FILE.is_file()

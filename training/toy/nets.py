@@ -26,7 +26,8 @@ TEXT_WIDTH = 64
 UNET_CHANNELS = (32, 64)
 UNET_LAYERS_PER_BLOCK = 1
 UNET_HEADS = 4
-VAE_CHANNELS = (16, 32, 64)
+VAE_CHANNELS = (8, 16, 32)
+VAE_GROUPS = 2  # diffusers-only (ComfyUI never builds this VAE): few groups train much faster
 EMBED_DIM = 64  # toy CLIP joint embedding
 
 
@@ -70,7 +71,7 @@ def vae_config(scaling_factor: float = 1.0) -> dict:
         block_out_channels=VAE_CHANNELS,
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=16,
+        norm_num_groups=VAE_GROUPS,
         sample_size=IMAGE_SIZE,
         scaling_factor=scaling_factor,
     )

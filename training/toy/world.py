@@ -61,7 +61,7 @@ _RADIUS = {"small": 2.6, "large": 4.6}  # circumradius-like size in pixels
 _SPACING = {"small": 7.0, "large": 10.5}
 _MAX_OFFSET = 3.0  # pixels a badly composed group drifts from its spot
 _MAX_BLUR = 1.1  # gaussian sigma in pixels
-_MAX_NOISE = 0.12  # grain standard deviation
+_MAX_NOISE = 0.08  # grain standard deviation
 _MIN_VIVID = 0.4  # colour saturation factor of the dullest style
 _SUPERSAMPLE = 4
 

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from training import toy
 from training.toy import world
 from training.toy.rewards import load_toy_aesthetic, load_toy_clip
+
+needs_assets = pytest.mark.skipif(
+    not toy.assets_built(), reason="toy world assets not built yet: run python -m training.toy.build (issue #5)"
+)
+
+
+pytestmark = needs_assets
 
 
 def spec(name, path=None, **options):
