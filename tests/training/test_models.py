@@ -76,7 +76,7 @@ def test_sd15_features_lora_and_cfg(sd15):
     eps_c = family.predict(x, t, cond.__class__(cond.prompts, cond.context), None, 1.0)
     uncond = cond.__class__(cond.prompts, cond.tensors["uncond"])
     eps_u = family.predict(x, t, uncond, None, 1.0)
-    assert torch.allclose(base, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5)
+    assert torch.allclose(base, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-4)  # batch 4 vs 2: float noise
     family.detach()
 
 
