@@ -14,7 +14,7 @@ from hyperalign.io import load_predictor, save_predictor
 
 # Adam turns gradients that are zero in exact arithmetic (an attention key bias) but float noise in practice into
 # full lr-sized steps; an eps above that noise keeps runs that differ only in summation order comparable.
-STEPS = ["optim.max_steps=4", "run.save_every=2", "optim.batch_size=2", "optim.eps=1e-6"]
+STEPS = ["optim.max_steps=4", "run.save_every=2", "optim.batch_size=2", "optim.eps=1e-6", "sampling.num_steps=3"]
 COMPARED = ("loss", "loss_reward", "loss_pref", "reward", "grad_norm")
 
 KILL_AT_STEP_3 = """
@@ -133,11 +133,12 @@ def test_keysteps_then_evaluate_base_and_modes(reference, tiny_sd15, prefs, tmp_
 
     prompts = tmp_path / "eval.txt"
     prompts.write_text("a lighthouse\n")
-    args = tiny_overrides(tiny_sd15, prefs, tmp_path) + [f"objective.keysteps_file={str(tmp_path / 'k.json')!r}"]
+    args = tiny_overrides(tiny_sd15, prefs, tmp_path) + ["sampling.num_steps=3"]
+    args += [f"objective.keysteps_file={str(tmp_path / 'k.json')!r}"]
     reset_accelerate()
     assert keysteps([*args, "--num", "2", "--samples", "2", "--batch", "2"]) == 0
     found = json.loads((tmp_path / "k.json").read_text())
-    assert found["keysteps"][0] == 0.0 and len(found["keysteps"]) == 2 and len(found["distance"]) == 3
+    assert found["keysteps"][0] == 0.0 and len(found["keysteps"]) == 2 and len(found["distance"]) == 2
     reset_accelerate()
     eval_args = args + [
         f"eval.prompts={str(prompts)!r}",
@@ -151,7 +152,7 @@ def test_keysteps_then_evaluate_base_and_modes(reference, tiny_sd15, prefs, tmp_
     results = report["results"]
     assert list(results) == ["base", "S", "I", "P"]
     calls = {variant: results[variant]["hypernet_calls_per_image"] for variant in results}
-    assert calls == {"base": 0, "S": 4, "I": 1, "P": 2}  # 4 steps; P predicts at its 2 keysteps
+    assert calls == {"base": 0, "S": 3, "I": 1, "P": 2}  # 3 steps; P predicts at its 2 keysteps
     for variant in results:
         assert set(results[variant]["metrics"]) == {"brightness", "color"}
         assert results[variant]["seconds_per_image"] > 0 and results[variant]["diversity"] > 0

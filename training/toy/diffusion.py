@@ -48,7 +48,7 @@ def train_unet(
     scheduler = DDPMScheduler(**scheduler_config())
     alphas_cumprod = scheduler.alphas_cumprod.float()
     unet = UNet2DConditionModel(**unet_config())
-    ema = EMA(unet, decay=0.998)
+    ema = EMA(unet, decay=0.995)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     progress = Progress("unet", steps, max(1, steps // 20), log)
     for step in range(steps):

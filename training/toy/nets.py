@@ -157,7 +157,11 @@ class ToyClip(nn.Module):
         return F.normalize(self.image(images), dim=-1)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        pooled = self.text(input_ids=input_ids).pooler_output  # the EOS token's state
+        # The text tower is causal and pools the first EOS token, so the padding after it changes
+        # nothing: dropping it gives the same embedding about 5x cheaper.
+        eos = self.text.config.eos_token_id
+        length = int((input_ids == eos).int().argmax(dim=1).max()) + 1
+        pooled = self.text(input_ids=input_ids[:, :length]).pooler_output  # the EOS token's state
         return F.normalize(self.text_projection(pooled), dim=-1)
 
 

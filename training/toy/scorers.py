@@ -21,6 +21,23 @@ from .nets import ToyAesthetic, ToyClip
 from .renders import RenderPool
 
 
+def soften(images: torch.Tensor, generator: torch.Generator, max_sigma: float = 1.5, pairs: bool = False):
+    """Blur a random half of a batch (gaussian, sigma up to `max_sigma` px): generated images come
+    through the VAE a little soft, and the rewards must judge those too. With `pairs`, the batch is
+    [firsts; seconds] and both images of a pair get the same blur, so their taste order still holds."""
+    b, c, h, w = images.shape
+    n = b // 2 if pairs else b
+    sigma = torch.rand(n, generator=generator) * max_sigma * (torch.rand(n, generator=generator) < 0.5)
+    sigma = sigma.repeat(2) if pairs else sigma
+    taps = torch.arange(-3, 4, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (b*c, 7)
+    x = F.pad(images.reshape(1, b * c, h, w), (3, 3, 3, 3), mode="replicate")
+    x = F.conv2d(x, kernel[:, None, None, :], groups=b * c)
+    x = F.conv2d(x, kernel[:, None, :, None], groups=b * c)
+    return x.reshape(b, c, h, w)
+
+
 def _group_batch(specs: list[world.SceneSpec], index: dict, groups: int, rng: np.random.Generator) -> list[int]:
     rows = []
     for base in rng.choice(len(specs), size=groups, replace=False):
@@ -39,9 +56,8 @@ def train_clip(
     seed: int,
     threads: int,
     log,
-    augment=None,
 ) -> ToyClip:
-    """`token_ids` (len(pool.specs), 77); `augment(images, generator, rows)` may alter a batch (e.g. VAE round trip)."""
+    """`token_ids` (len(pool.specs), 77): the prompt of each scene of the pool."""
     generator = deterministic(seed, threads)
     rng = np.random.default_rng(seed)
     clip = ToyClip(text_config)
@@ -52,9 +68,7 @@ def train_clip(
         set_lr(optimizer, step, steps, 2e-3)
         spec_rows = _group_batch(pool.specs, index, groups, rng)
         image_rows = [r * pool.per_spec + int(rng.integers(pool.per_spec)) for r in spec_rows]
-        images = pool.tensor(image_rows)
-        if augment is not None:
-            images = augment(images, generator, image_rows)
+        images = soften(pool.tensor(image_rows), generator)
         image_emb = clip.embed_images(images)
         text_emb = clip.embed_text(token_ids[spec_rows])
         logits = clip.logit_scale.clamp(max=4.6).exp() * image_emb @ text_emb.T
@@ -99,7 +113,7 @@ def _pairs(pool: RenderPool, count: int, rng: np.random.Generator) -> tuple[np.n
     return spec * pool.per_spec + first, spec * pool.per_spec + second
 
 
-def train_aesthetic(pool: RenderPool, steps: int, batch: int, seed: int, threads: int, log, augment=None):
+def train_aesthetic(pool: RenderPool, steps: int, batch: int, seed: int, threads: int, log):
     generator = deterministic(seed, threads)
     rng = np.random.default_rng(seed)
     model = ToyAesthetic()
@@ -109,10 +123,7 @@ def train_aesthetic(pool: RenderPool, steps: int, batch: int, seed: int, threads
     for step in range(steps):
         set_lr(optimizer, step, steps, 2e-3)
         a, b = _pairs(pool, batch, rng)
-        rows = np.concatenate([a, b])
-        images = pool.tensor(rows)
-        if augment is not None:
-            images = augment(images, generator, rows)
+        images = soften(pool.tensor(np.concatenate([a, b])), generator, pairs=True)
         score_a, score_b = model.raw(images).split(batch)
         sign = torch.sign(tastes[a] - tastes[b])
         loss = F.softplus(-sign * (score_a - score_b)).mean()
