@@ -92,8 +92,8 @@ class Timer:
 
 def train_rewards(cfg: BuildConfig, images: np.ndarray, styles: np.ndarray) -> dict:
     """Stage 2b (the child process): toy_clip and toy_aesthetic on the pool of every scene."""
-    from .scorers import train_aesthetic, train_clip
     from .nets import text_config
+    from .scorers import train_aesthetic, train_clip
     from .vocab import WordTokenizer, build_vocab
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [rewards] %(message)s", datefmt="%H:%M:%S")
@@ -111,7 +111,10 @@ def train_rewards(cfg: BuildConfig, images: np.ndarray, styles: np.ndarray) -> d
         "text_config": clip.text.config.to_dict(),
         "vocab": vocab,
         "aesthetic": aesthetic.state_dict(),
-        "seconds": {"toy_clip": round(clip_seconds, 1), "toy_aesthetic": round(time.perf_counter() - started - clip_seconds, 1)},
+        "seconds": {
+            "toy_clip": round(clip_seconds, 1),
+            "toy_aesthetic": round(time.perf_counter() - started - clip_seconds, 1),
+        },
     }
 
 
@@ -132,7 +135,9 @@ def _vae_and_rewards(cfg: BuildConfig, pool: RenderPool, train_rows: np.ndarray,
 
     def vae_stage():
         with timer("vae"):
-            return train_vae(pool.tensor(train_rows), cfg.vae_steps, cfg.vae_batch, cfg.seed + 3, cfg.threads, logger.info)
+            return train_vae(
+                pool.tensor(train_rows), cfg.vae_steps, cfg.vae_batch, cfg.seed + 3, cfg.threads, logger.info
+            )
 
     if not cfg.parallel:
         vae = vae_stage()
@@ -262,7 +267,9 @@ def _shipped_reward_specs(out: Path):
 def _parse_setting(cfg: BuildConfig, item: str) -> BuildConfig:
     key, _, value = item.partition("=")
     if key not in BuildConfig.__dataclass_fields__:
-        raise SystemExit(f"HyperAlign: unknown build setting {key!r}; allowed: {sorted(BuildConfig.__dataclass_fields__)}")
+        raise SystemExit(
+            f"HyperAlign: unknown build setting {key!r}; allowed: {sorted(BuildConfig.__dataclass_fields__)}"
+        )
     kind = type(getattr(cfg, key))
     parsed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return replace(cfg, **{key: parsed})

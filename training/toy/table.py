@@ -1,0 +1,339 @@
+"""The toy world's comparison table: ``python -m training.toy.table [--out docs/toy-results.md]``.
+
+Every variant samples the same held-out prompts (combinations never seen in training) with the same
+seeds, sampler (DDIM), steps and CFG scale as ``training/configs/toy.yaml``:
+
+- base: the toy model alone;
+- Best-of-N (N = 20): per seed slot, the best of N samples by the training reward;
+- static LoRA: the fine-tuning baseline (training/toy/baselines.py), trained by the same objective,
+  data, steps, batch and learning rate as HyperAlign;
+- HyperAlign S trained on the reward only (lambda = 0), and on the preference term only;
+- HyperAlign I, P and S, each trained in its own mode.
+
+Columns: each reward, the training reward (their weighted sum), diversity (mean pairwise cosine
+distance of toy_clip image embeddings across seeds) and seconds per image on this machine. The
+Markdown goes to --out, the numbers next to it as JSON; trained predictors stay in --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import evaluate, keysteps, train
+from . import ASSETS
+
+CONFIG = "training/configs/toy.yaml"
+BEST_OF = 20
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mode: str  # the mode it trains and samples in
+    overrides: tuple[str, ...] = ()
+    static: bool = False
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-")
+
+
+TRAINED = (
+    Variant("static LoRA", "I", static=True),
+    Variant("HyperAlign S, reward only (λ=0)", "S", ("objective.pref_weight=0.0",)),
+    Variant("HyperAlign S, preference only", "S", ("rewards=[]",)),
+    Variant("HyperAlign I", "I"),
+    Variant("HyperAlign P", "P"),
+    Variant("HyperAlign S", "S"),
+)
+
+
+def _run(entry, argv: list[str], what: str) -> float:
+    print(f"\n== {what}", flush=True)
+    started = time.perf_counter()
+    if entry(argv):
+        raise SystemExit(f"HyperAlign: {what} failed; see the messages above.")
+    return time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def train_static(argv: list[str]) -> int:
+    """training.train with the hypernet swapped for a StaticLoRA before the first step."""
+    from tqdm.auto import tqdm
+
+    from ..config import check_files
+    from ..engine import build, close_logging, lr_lambda, make_accelerator, setup_logging
+    from ..loop import log_metrics, train_step
+    from .baselines import StaticLoRA
+
+    cfg, _ = train.parse(argv)
+    check_files(cfg)
+    accelerator = make_accelerator(cfg)
+    setup_logging(accelerator, cfg.run_dir)
+    tr = build(cfg, accelerator)
+    o = cfg.optim
+    static = StaticLoRA(tr.predictor.targets, tr.hcfg.rank).to(accelerator.device)
+    optimizer = torch.optim.AdamW(
+        static.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
+    tr.hypernet, tr.optimizer = accelerator.prepare(static, optimizer)
+    tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lr_lambda(o))
+    try:
+        last = time.perf_counter()
+        for _ in tqdm(range(o.max_steps), desc="train static LoRA", disable=not cfg.run.progress):
+            metrics = train_step(tr)
+            if tr.step % cfg.run.log_every == 0:
+                log_metrics(tr, metrics, time.perf_counter() - last)
+            last = time.perf_counter()
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in static.state_dict().items()}
+        save_file(state, os.path.join(cfg.run_dir, "static_lora.safetensors"), {"targets": json.dumps(static.ids)})
+    finally:
+        accelerator.end_training()
+        tr.family.detach()
+        close_logging()
+    return 0
+
+
+def train_all(common: list[str], work: str) -> dict[str, float]:
+    """Train every variant; returns wall seconds per variant."""
+    seconds = {}
+    keysteps_file = os.path.join(work, "keysteps.json")
+    seconds["keysteps"] = _run(
+        keysteps.main,
+        common + [f"objective.keysteps_file={keysteps_file!r}", "--num", "3", "--samples", "4"],
+        "keysteps",
+    )
+    for variant in TRAINED:
+        argv = common + [f"run.name={variant.slug!r}", f"objective.mode={variant.mode!r}", *variant.overrides]
+        if variant.mode == "P":
+            argv.append(f"objective.keysteps_file={keysteps_file!r}")
+        entry = train_static if variant.static else train.main
+        seconds[variant.name] = _run(entry, argv, f"training {variant.name}")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+class Scorer:
+    """The metrics of the config, and the training reward: the weighted sum of the training rewards."""
+
+    def __init__(self, cfg, device):
+        from ..models import DTYPES
+        from ..rewards import RewardSet
+
+        self.metrics = RewardSet(cfg.eval.metrics, device, DTYPES[cfg.model.base_dtype])
+        self.weights = {spec.name: spec.weight for spec in cfg.rewards}
+        missing = set(self.weights) - set(self.metrics.names)
+        if missing:
+            raise ValueError(f"HyperAlign: the training rewards {sorted(missing)} are not among eval.metrics.")
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        _, terms = self.metrics(images, prompts)
+        terms = {name: value.float() for name, value in terms.items()}
+        terms["reward"] = sum(w * terms[name] for name, w in self.weights.items())
+        return terms
+
+
+def _row(records: list[dict]) -> dict:
+    """Mean and std over every image of every prompt; diversity, seconds and calls averaged per prompt."""
+    names = list(records[0]["scores"])
+    metrics = {}
+    for name in names:
+        values = [v for r in records for v in r["scores"][name]]
+        metrics[name] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values)}
+    return {
+        "metrics": metrics,
+        "diversity": statistics.fmean(r["diversity"] for r in records),
+        "seconds_per_image": statistics.fmean(r["seconds"] for r in records),
+        "hypernet_calls_per_image": statistics.fmean(r["calls"] for r in records),
+    }
+
+
+def _with_reward(record: dict, weights: dict[str, float]) -> dict:
+    scores = record["scores"]
+    count = len(next(iter(scores.values())))
+    scores["reward"] = [sum(w * scores[n][i] for n, w in weights.items()) for i in range(count)]
+    return record
+
+
+def best_of_n_prompt(ctx, scorer: Scorer, prompt: str, n: int) -> dict:
+    """Base samples of n seeds per slot; keep the best of each slot by the training reward."""
+    from ..evaluate import _embed, diversity
+    from ..sampling import Trajectory, per_sample_noise
+    from .baselines import best_of_n
+
+    family, seeds, guidance = ctx["family"], ctx["seeds"], ctx["guidance"]
+    candidates = [seed + 1000 * j for j in range(n) for seed in seeds]  # candidate 0 = the slot's own seed
+    started = time.perf_counter()
+    with torch.no_grad():
+        cond = family.encode_prompts([prompt] * len(candidates), uncond=guidance != 1.0)
+        x = per_sample_noise(family.latent_shape(1)[1:], candidates, family.device)
+        latents, _ = Trajectory(family, None, ctx["hcfg"], cond, ctx["schedule"], guidance).generate(x)
+        images = family.decode(latents)
+        terms = scorer(images, [prompt] * len(candidates))
+        chosen = best_of_n(terms["reward"].cpu(), len(seeds))
+    seconds = (time.perf_counter() - started) / len(seeds)
+    embedding, _ = _embed(scorer.metrics, images[chosen])
+    scores = {name: value[chosen].tolist() for name, value in terms.items()}
+    return {"scores": scores, "seconds": seconds, "diversity": diversity(embedding), "calls": 0}
+
+
+def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dict]:
+    from hyperalign.io import load_predictor
+
+    from ..engine import make_accelerator
+    from ..models import load_family
+    from .baselines import StaticLoRA
+
+    accelerator = make_accelerator(cfg)
+    family = load_family(cfg.model, accelerator.device)
+    scorer = Scorer(cfg, accelerator.device)
+    loaded = {
+        v.name: load_predictor(os.path.join(work, v.slug, "predictor.safetensors")) for v in TRAINED if not v.static
+    }
+    reference = loaded["HyperAlign S"]
+    hcfg = reference.meta.hypernet_config()
+    family.attach(reference.targets, hcfg.scale)  # every variant has the same targets, rank and alpha
+    ctx = {
+        "family": family,
+        "hcfg": hcfg,
+        "seeds": list(cfg.eval.seeds),
+        "guidance": cfg.sampling.guidance,
+        "schedule": family.schedule(cfg.sampling.num_steps),
+        "accelerator": accelerator,
+        "metrics": scorer.metrics,
+        "save_images": False,
+    }
+
+    def run_variant(hypernet, mode: str, keys=(0.0,)) -> dict:
+        ctx.update(hypernet=hypernet, variants=[mode], keysteps=keys)
+        records = [_with_reward(evaluate.evaluate_prompt(ctx, p)[mode], scorer.weights) for p in prompts]
+        return _row(records)
+
+    results = {"base": run_variant(None, "base")}
+    print(f"== Best-of-{best}", flush=True)
+    results[f"Best-of-{best}"] = _row([best_of_n_prompt(ctx, scorer, p, best) for p in prompts])
+    for variant in TRAINED:
+        print(f"== evaluating {variant.name}", flush=True)
+        if variant.static:
+            static = StaticLoRA(reference.targets, hcfg.rank)
+            from safetensors.torch import load_file
+
+            static.load_state_dict(load_file(os.path.join(work, variant.slug, "static_lora.safetensors")))
+            results[variant.name] = run_variant(static.to(family.device).eval(), variant.mode)
+        else:
+            predictor = loaded[variant.name]
+            results[variant.name] = run_variant(
+                predictor.hypernet.float().eval(), variant.mode, predictor.meta.keysteps
+            )
+    family.detach()
+    return results
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
+    names = list(next(iter(results.values()))["metrics"])
+    head = "| variant | " + " | ".join(names) + " | diversity | s/image | hypernet calls/image |"
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+    for variant, row in results.items():
+        cells = [f"{row['metrics'][n]['mean']:.4f} ± {row['metrics'][n]['std']:.4f}" for n in names]
+        cells += [f"{row['diversity']:.4f}", f"{row['seconds_per_image']:.4f}", f"{row['hypernet_calls_per_image']:g}"]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    train_lines = [f"| {name} | {value:.0f} |" for name, value in seconds.items()]
+    return "\n".join(
+        [
+            "# HyperAlign on the toy world: the comparison table",
+            "",
+            f"Made by `{command}` (training/toy/table.py; {protocol['total_minutes']:.0f} min in all).",
+            "",
+            f"Held-out prompts: {protocol['prompts']} (attribute combinations never seen in training), "
+            f"seeds {protocol['seeds']} per prompt; DDIM {protocol['num_steps']} steps, CFG {protocol['guidance']}. "
+            f"Every trained variant: {protocol['max_steps']} optimizer steps of batch {protocol['batch_size']}, "
+            f"lr {protocol['lr']}, λ = {protocol['pref_weight']} unless stated. Scores are mean ± std over all "
+            "images; `reward` is the training reward "
+            f"({' + '.join(f'{w:g}·{n}' for n, w in protocol['reward_weights'].items())}). "
+            "Diversity is the mean pairwise cosine distance of toy_clip image embeddings across a prompt's seeds. "
+            f"Machine: {protocol['machine']}.",
+            "",
+            *lines,
+            "",
+            "Training wall time (seconds, this machine):",
+            "",
+            "| run | seconds |",
+            "|---|---|",
+            *train_lines,
+            "",
+        ]
+    )
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.toy.table", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="docs/toy-results.md", help="Markdown table (JSON next to it)")
+    p.add_argument("--work", default="outputs/table", help="folder for the trained variants")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts (default 16)")
+    p.add_argument("--best-of", type=int, default=BEST_OF)
+    p.add_argument("--skip-training", action="store_true", help="evaluate the variants already in --work")
+    p.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. optim.max_steps=50")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    work = os.path.abspath(args.work)
+    common = ["--config", CONFIG, f"run.output_dir={work!r}", "run.save_every=100000", *args.overrides]
+    if not os.path.isfile(os.path.join(train.parse(common)[0].model.path, "model_index.json")):
+        raise SystemExit(f"HyperAlign: the toy world is not built in {ASSETS}. HINT: run python -m training.toy.build.")
+    seconds = {} if args.skip_training else train_all(common, work)
+    cfg, _ = train.parse(common)
+    from ..data import read_prompts
+
+    prompts = read_prompts(cfg.eval.prompts)
+    prompts = prompts[:: max(len(prompts) // args.prompts, 1)][: args.prompts]
+    results = evaluate_all(cfg, work, prompts, args.best_of)
+    protocol = {
+        "prompts": len(prompts),
+        "seeds": list(cfg.eval.seeds),
+        "num_steps": cfg.sampling.num_steps,
+        "guidance": cfg.sampling.guidance,
+        "max_steps": cfg.optim.max_steps,
+        "batch_size": cfg.optim.batch_size,
+        "lr": cfg.optim.lr,
+        "pref_weight": cfg.objective.pref_weight,
+        "reward_weights": {spec.name: spec.weight for spec in cfg.rewards},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "total_minutes": (time.perf_counter() - started) / 60,
+    }
+    command = "python -m training.toy.table " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(results, protocol, seconds, command.strip())
+    numbers = {"protocol": protocol, "training_seconds": seconds, "results": results}
+    _write_atomic(os.path.splitext(args.out)[0] + ".json", json.dumps(numbers, indent=2) + "\n")
+    _write_atomic(args.out, text)
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
