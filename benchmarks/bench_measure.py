@@ -163,3 +163,36 @@ class Breakdown:
             yield
         finally:
             setattr(owner, attribute, original)
+
+
+class ModuleTimer:
+    """Wall seconds spent inside groups of modules (forward pre-hook to forward hook), by group label."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._started: dict[int, float] = {}
+
+    def _enter(self, module, args):
+        sync(self.device)
+        self._started[id(module)] = time.perf_counter()
+
+    def _leave(self, label: str, module):
+        sync(self.device)
+        elapsed = time.perf_counter() - self._started.pop(id(module))
+        self.seconds[label] = self.seconds.get(label, 0.0) + elapsed
+
+    @contextmanager
+    def timing(self, groups: dict):
+        handles = []
+        try:
+            for label, modules in groups.items():
+                for module in modules:
+                    handles.append(module.register_forward_pre_hook(self._enter))
+                    handles.append(
+                        module.register_forward_hook(lambda m, args, out, label=label: self._leave(label, m))
+                    )
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()

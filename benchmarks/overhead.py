@@ -6,8 +6,9 @@
 In one process: plain sampling (comfy.sample.sample, euler) and the same model patched by the
 HyperAlign Apply node in modes S, P (keysteps 0, 0.3, 0.6) and I, interleaved, after a warm-up.
 Prints Markdown tables: seconds per image (median), the ratio to plain taken round by round,
-hypernet calls, extra peak memory; then where the time goes (one instrumented S run per family)
-and the hypernet's size for the real-size configs. Runs on CUDA when present (--device).
+hypernet calls, extra peak memory; then where the time goes (one instrumented run per mode), the
+FLUX-shaped ratios carried to FLUX.1's real depth, and the hypernet's size for the real-size configs.
+Runs on CUDA when present (--device). --no-fuse keeps the forward-hook path everywhere.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--latent", type=int, default=16, help="SD1.5 latent side (16 = 128 px)")
     p.add_argument("--flux-latent", type=int, default=8, help="FLUX latent side (8 = 64 px = 16 image tokens)")
     p.add_argument("--flux-tokens", type=int, default=16, help="FLUX T5 tokens (ComfyUI pads real prompts to 256)")
-    p.add_argument("--flux-blocks", type=int, nargs=2, default=[2, 4], metavar=("DOUBLE", "SINGLE"))
+    p.add_argument(
+        "--flux-blocks", type=int, nargs=2, default=[2, 1], metavar=("DOUBLE", "SINGLE"), help="FLUX-shaped depth"
+    )
     p.add_argument("--cfg", type=float, default=5.0, help="SD1.5 CFG scale")
-    p.add_argument("--flux-cfg", type=float, nargs="+", default=[1.0, 3.5], help="FLUX CFG scales (1 = no negative)")
+    p.add_argument("--flux-cfg", type=float, nargs="+", default=[3.5], help="FLUX CFG scales (1 = no negative)")
     p.add_argument("--flux-batch", type=int, nargs="+", default=None, help="FLUX batch sizes (default: --batch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -57,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--breakdown-batch", type=int, nargs="+", default=[1], help="batch sizes of the instrumented runs")
+    p.add_argument("--breakdown-modes", nargs="+", default=["S", "P", "I"], choices=list(MODES))
     p.add_argument("--no-fuse", action="store_true", help="always use the forward-hook path (for before/after)")
     p.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or the test host)")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
@@ -148,26 +152,41 @@ class FamilyBench:
             )
         return rows
 
-    def breakdown(self, batch: int, cfg: float, mode: str = "S") -> dict:
-        """One instrumented run: seconds per step in the encoder, the hypernet, the UI statistics, binding
-        and the LoRA side path, next to a plain step's seconds."""
+    def breakdown(self, batch: int, cfg: float, modes: list[str]) -> list[dict]:
+        """Instrumented runs: one plain (with the time inside each kind of block), then one per mode with
+        the seconds per step in the encoder, the hypernet, the UI statistics, binding, merging and the
+        LoRA side path."""
+        run = self.sampler(batch, cfg, self.args.steps)
+        plain, blocks = self._plain_with_blocks(run)
+        return [self._instrumented(run, mode, plain, blocks, batch, cfg) for mode in modes]
+
+    def _plain_with_blocks(self, run) -> tuple[float, dict]:
+        diffusion_model = self.model.model.diffusion_model
+        groups = {}
+        if self.family == "flux":
+            groups = {"double": list(diffusion_model.double_blocks), "single": list(diffusion_model.single_blocks)}
+        timer = bm.ModuleTimer(self.device)
+        with timer.timing(groups):
+            plain = bm.timed(lambda: run(self.model), self.device).wall
+        steps = self.args.steps
+        per_block = {label: timer.seconds.get(label, 0.0) / steps / len(mods) for label, mods in groups.items()}
+        return plain / steps, per_block
+
+    def _instrumented(self, run, mode: str, plain_step: float, blocks: dict, batch: int, cfg: float) -> dict:
         pack = self.host
         encoders = pack.submodule("nodes.encoders")
         runtime = pack.submodule("hyperalign.runtime")
         lora = pack.submodule("hyperalign.lora")
         hypernet = self.loaded.predictor.hypernet
-        run = self.sampler(batch, cfg, self.args.steps)
-        plain = bm.timed(lambda: run(self.model), self.device).wall
         b = bm.Breakdown(self.device)
-        patches = [
+        candidates = [
             (encoders, "perception_features", "encoder"),
             (runtime, "factor_stats", "factor_stats"),
             (lora.LoRAState, "bind", "bind"),
+            (lora, "merge_weights", "merge W + s·up·down"),
             (lora, "lora_delta", "side path (lora_delta)"),
         ]
-        for name in ("fuse", "unfuse"):
-            if hasattr(lora, name):
-                patches.append((lora, name, name))
+        patches = [c for c in candidates if hasattr(c[0], c[1])]
         hypernet.forward = b.wrap("hypernet", hypernet.forward)
         try:
             with _all(b.patched(*p) for p in patches):
@@ -176,7 +195,18 @@ class FamilyBench:
             del hypernet.forward
         steps = self.args.steps
         parts = {name: seconds / steps for name, seconds in b.seconds.items()}
-        return dict(plain_step=plain / steps, total_step=total / steps, parts=parts, counts=dict(b.count))
+        return dict(
+            family=self.family,
+            batch=batch,
+            cfg=cfg,
+            mode=mode,
+            plain_step=plain_step,
+            total_step=total / steps,
+            parts=parts,
+            counts=dict(b.count),
+            blocks=blocks,
+            targets=len(self.loaded.predictor.targets),
+        )
 
 
 class _all:
@@ -231,11 +261,11 @@ def timing_table(rows: list[dict], cpu_metric: bool) -> str:
     return "\n".join(lines)
 
 
-def breakdown_table(family: str, batch: int, cfg: float, info: dict) -> str:
+def breakdown_table(info: dict) -> str:
     plain = info["plain_step"]
     lines = [
-        f"{family}, batch {batch}, cfg {cfg:g}, mode S, seconds per step (instrumented run: device syncs "
-        "around each part, so the total is a little above the timed runs):",
+        f"{info['family']}, batch {info['batch']}, cfg {info['cfg']:g}, mode {info['mode']}, seconds per step "
+        "(instrumented run: device syncs around each part, so the total is a little above the timed runs):",
         "",
         "| part | s/step | share of a plain step | calls |",
         "|---|---|---|---|",
@@ -245,7 +275,52 @@ def breakdown_table(family: str, batch: int, cfg: float, info: dict) -> str:
     for name, seconds in info["parts"].items():
         lines.append(f"| {name} | {seconds:.4f} | {100 * seconds / plain:.1f} % | {info['counts'][name]} |")
     rest = info["total_step"] - plain - sum(info["parts"].values())
-    lines.append(f"| rest (hooks, wrappers, scheduling) | {rest:.4f} | {100 * rest / plain:.1f} % | |")
+    lines.append(f"| rest (hooks, wrappers, scheduling, noise) | {rest:.4f} | {100 * rest / plain:.1f} % | |")
+    return "\n".join(lines)
+
+
+REAL_FLUX_BLOCKS = (19, 38)  # FLUX.1 double and single blocks
+REAL_FLUX_TARGETS = 266  # the real FLUX.1 attn preset (scripts/model_sizes.py)
+
+
+def flux_extrapolation(rows: list[dict], infos: list[dict], args) -> str:
+    """The FLUX-shaped ratios carried to FLUX.1's real depth, from this run's own numbers.
+
+    A plain step at real depth adds the measured seconds of the missing double and single blocks (instrumented
+    plain run). A mode's extra seconds per step at real depth are the encoder's (fixed: the same embedders and
+    double blocks at any depth) plus the other instrumented parts (hypernet, statistics, binding, merging,
+    side paths), which grow with the number of targets; the unattributed rest is left out (it is mostly noise).
+    """
+    double, single = args.flux_blocks
+    lines = [
+        f"FLUX-shaped measured at {double} double + {single} single blocks, carried to FLUX.1's "
+        f"{REAL_FLUX_BLOCKS[0]} + {REAL_FLUX_BLOCKS[1]} blocks ({REAL_FLUX_TARGETS} targets):",
+        "",
+        "| batch | cfg | mode | plain s/step measured | plain s/step real depth | extra s/step measured "
+        "| encoder s/step | other parts s/step | extra s/step real depth | ratio measured | ratio real depth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(i["batch"], i["cfg"], i["mode"]): i for i in infos if i["family"] == "flux"}
+    for row in rows:
+        info = by_key.get((row["batch"], row["cfg"], row["mode"]))
+        if row["family"] != "flux" or info is None:
+            continue
+        plain = row["wall"] / row["ratio_wall"] * row["batch"] / args.steps
+        blocks = info["blocks"]
+        real_plain = (
+            plain
+            + (REAL_FLUX_BLOCKS[0] - double) * blocks["double"]
+            + (REAL_FLUX_BLOCKS[1] - single) * blocks["single"]
+        )
+        extra = (row["ratio_wall"] - 1.0) * plain
+        encoder = info["parts"].get("encoder", 0.0)
+        others = sum(seconds for name, seconds in info["parts"].items() if name != "encoder")
+        real_extra = encoder + others * REAL_FLUX_TARGETS / info["targets"]
+        real_ratio = 1 + real_extra / real_plain
+        lines.append(
+            f"| {row['batch']} | {row['cfg']:g} | {row['mode']} | {plain:.3f} | {real_plain:.3f} | {extra:.4f} | "
+            f"{encoder:.4f} | {others:.4f} | {real_extra:.4f} | {row['ratio_wall']:.3f} | {real_ratio:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -282,6 +357,25 @@ def machine(device: torch.device) -> str:
     return f"{what}; torch {torch.__version__}; python {platform.python_version()}"
 
 
+def code_version() -> str:
+    """The commit measured, marked dirty when the code the benchmark runs differs from it."""
+    import subprocess
+
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "nodes", "hyperalign", "benchmarks")
+    return commit + (" (with uncommitted changes)" if dirty else "")
+
+
+def fusing_state(host, args) -> str:
+    comfy_patch = host.submodule("nodes.comfy_patch")
+    if not hasattr(comfy_patch, "FUSE"):
+        return "not implemented (hook path only)"
+    return "on" if comfy_patch.FUSE else "off (--no-fuse)"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -297,7 +391,7 @@ def main(argv=None) -> None:
         comfy_patch = host.submodule("nodes.comfy_patch")
         if hasattr(comfy_patch, "FUSE"):
             comfy_patch.FUSE = False
-    rows, breakdowns, benches = [], [], []
+    rows, infos, benches = [], [], []
     for family in args.family:
         bench = FamilyBench(host, family, args, device, dtype)
         benches.append(bench)
@@ -308,21 +402,24 @@ def main(argv=None) -> None:
                 rows += bench.time_all(batch, cfg)
         if not args.no_breakdown:
             for batch in args.breakdown_batch:
-                breakdowns.append(breakdown_table(family, batch, cfgs[-1], bench.breakdown(batch, cfgs[-1])))
+                infos += bench.breakdown(batch, cfgs[-1], args.breakdown_modes)
         bench.model = bench.configs = None  # free the model before the next family
         gc.collect()
+    extrapolation = [flux_extrapolation(rows, infos, args), ""] if "flux" in args.family and infos else []
     report = [
         f"Machine: {machine(device)}; ComfyUI at {models.DEFAULT_COMFYUI if not args.comfyui else args.comfyui}",
+        f"Code: {code_version()}",
         f"Command: python benchmarks/overhead.py {' '.join(sys.argv[1:])}",
         f"Steps {args.steps}, euler; SD1.5 latent {args.latent}x{args.latent}; FLUX-shaped "
         f"{args.flux_blocks[0]} double + {args.flux_blocks[1]} single blocks, "
         f"latent {args.flux_latent}x{args.flux_latent}, "
-        f"{args.flux_tokens} T5 tokens; {args.dtype}; fusing {'off' if args.no_fuse else 'on'}; "
+        f"{args.flux_tokens} T5 tokens; {args.dtype}; fusing {fusing_state(host, args)}; "
         f"total wall time {time.perf_counter() - started:.0f} s",
         "",
         timing_table(rows, device.type == "cpu"),
         "",
-        *[block + "\n" for block in breakdowns],
+        *[breakdown_table(info) + "\n" for info in infos],
+        *extrapolation,
         sizes_table(benches, args),
     ]
     text = "\n".join(report)
