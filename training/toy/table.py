@@ -297,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="outputs/table", help="folder for the trained variants")
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts (default 16)")
     p.add_argument("--best-of", type=int, default=BEST_OF)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see training/toy/demo.py)")
     p.add_argument("--skip-training", action="store_true", help="evaluate the variants already in --work")
     p.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. optim.max_steps=50")
     args = p.parse_args(argv)
+    torch.set_num_threads(max(args.threads, 1))
     started = time.perf_counter()
     work = os.path.abspath(args.work)
     common = ["--config", CONFIG, f"run.output_dir={work!r}", "run.save_every=100000", *args.overrides]
