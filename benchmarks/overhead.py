@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--breakdown-batch", type=int, nargs="+", default=[1], help="batch sizes of the instrumented runs")
     p.add_argument("--breakdown-modes", nargs="+", default=["S", "P", "I"], choices=list(MODES))
     p.add_argument("--no-fuse", action="store_true", help="always use the forward-hook path (for before/after)")
+    p.add_argument("--fuse-modes", nargs="+", default=None, choices=list(MODES), help="modes that fuse at batch 1")
     p.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or the test host)")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
     return p.parse_args(argv)
@@ -373,7 +374,9 @@ def fusing_state(host, args) -> str:
     comfy_patch = host.submodule("nodes.comfy_patch")
     if not hasattr(comfy_patch, "FUSE"):
         return "not implemented (hook path only)"
-    return "on" if comfy_patch.FUSE else "off (--no-fuse)"
+    if not comfy_patch.FUSE:
+        return "off (--no-fuse)"
+    return f"on at batch 1 in modes {', '.join(comfy_patch.FUSE_MODES)}"
 
 
 def main(argv=None) -> None:
@@ -387,10 +390,11 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     host = models.start_host(args.comfyui, want)
     install_ui_recorder()
-    if args.no_fuse:
-        comfy_patch = host.submodule("nodes.comfy_patch")
-        if hasattr(comfy_patch, "FUSE"):
-            comfy_patch.FUSE = False
+    comfy_patch = host.submodule("nodes.comfy_patch")
+    if args.no_fuse and hasattr(comfy_patch, "FUSE"):
+        comfy_patch.FUSE = False
+    if args.fuse_modes is not None:
+        comfy_patch.FUSE_MODES = tuple(args.fuse_modes)
     rows, infos, benches = [], [], []
     for family in args.family:
         bench = FamilyBench(host, family, args, device, dtype)

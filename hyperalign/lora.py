@@ -4,10 +4,15 @@ Shape legend: b rows of a host batch, n tokens, i in_features, o out_features, r
 Factor naming follows ComfyUI/kohya and peft: ``down`` is (r, i), ``up`` is (o, r), ``scale =
 alpha / rank * strength``. The paper writes ΔW = B·A, so B = up and A = down.
 
-The delta is added by forward hooks on the base Linear modules, never by editing their weights, so
-fp8/fp16/bf16/fp32 base layers, ComfyUI's manual-cast and low-VRAM paths and training all share one
-code path: :func:`lora_delta`. Hooks read a mutable :class:`LoRAState`, so they can be installed
-once and re-pointed at new factors without re-registering (cheap, and torch.compile friendly).
+Two ways to apply it, with the same result:
+
+- Forward hooks on the base Linear modules (:func:`hooked`) add each row's delta to that row's output.
+  They never touch weights, so fp8/fp16/bf16/fp32 base layers, ComfyUI's manual-cast and low-VRAM
+  paths and training all share one code path: :func:`add_lora_delta` (reference: :func:`lora_delta`).
+  Hooks read a mutable :class:`LoRAState`, so they can be re-pointed at new factors cheaply.
+- When every row of a call shares one LoRA (one sample), :func:`fused_weights` merges it into new
+  weight tensors and :func:`swapped_weights` points the modules at them for the duration of a call.
+  The original weight tensors are never written: they go back in place on exit, even on an error.
 """
 
 from __future__ import annotations
@@ -25,17 +30,58 @@ from .targets import Target
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def lora_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """The low-rank update for each row of `x` (b, ..., i) -> (b, ..., o), in the factors' dtype."""
+def _check_factor_shapes(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> None:
     b, i = x.shape[0], x.shape[-1]
     if down.shape[0] != b or up.shape[0] != b:
         raise ValueError(f"factor batch {down.shape[0]} does not match input batch {b}")
     if down.shape[-1] != i:
         raise ValueError(f"factor in_features {down.shape[-1]} does not match input features {i}")
+
+
+def lora_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """The low-rank update for each row of `x` (b, ..., i) -> (b, ..., o), in the factors' dtype."""
+    _check_factor_shapes(x, down, up)
+    b, i = x.shape[0], x.shape[-1]
     flat = x.reshape(b, -1, i).to(down.dtype)  # (b, n, i)
     hidden = torch.bmm(flat, down.transpose(1, 2))  # (b, n, r)
     delta = torch.bmm(hidden, up.transpose(1, 2))  # (b, n, o)
     return (delta * scale).reshape(*x.shape[:-1], up.shape[1])
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def add_lora_delta(
+    output: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    out_slice: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """`output` (b, ..., o) plus each row's LoRA update of `x`, in its `out_slice` rows when given.
+
+    At inference (nothing needs gradients, one dtype) the update goes straight into `output` in one
+    ``baddbmm_``: no (b, n, o) delta is allocated, scaled or added. Otherwise it is :func:`lora_delta`
+    cast to the output's dtype and added (in place only into a fused layer's slice, which a Linear's
+    backward does not need).
+    """
+    fast = output.dtype == down.dtype == up.dtype and output.is_contiguous()
+    if not fast or _needs_autograd(output, x, down, up):
+        delta = lora_delta(x, down, up, scale).to(output.dtype)
+        if out_slice is None:
+            return output + delta
+        output[..., out_slice[0] : out_slice[1]] += delta
+        return output
+    _check_factor_shapes(x, down, up)
+    b, i = x.shape[0], x.shape[-1]
+    hidden = torch.bmm(x.reshape(b, -1, i).to(down.dtype), down.transpose(1, 2))  # (b, n, r)
+    rows = output.view(b, -1, output.shape[-1])
+    if out_slice is not None:
+        rows = rows[..., out_slice[0] : out_slice[1]]
+    rows.baddbmm_(hidden, up.transpose(1, 2), alpha=scale)
+    return output
 
 
 def rows_to_samples(num_rows: int, num_samples: int) -> torch.Tensor:
@@ -68,12 +114,13 @@ class LoRAState:
 
     def bind(self, factors: Factors, row_index: torch.Tensor | None = None, device=None) -> None:
         """Expand per-sample factors to the rows of the coming model call (once per call, not per layer)."""
-        bound = {}
+        bound, index = {}, row_index
         for key, (down, up) in factors.items():
             if device is not None and down.device != torch.device(device):
                 down, up = down.to(device, non_blocking=True), up.to(device, non_blocking=True)
             if row_index is not None:
-                index = row_index.to(down.device)
+                if index.device != down.device:  # one copy for all targets, not one per target
+                    index = row_index.to(down.device)
                 down, up = down.index_select(0, index), up.index_select(0, index)
             bound[key] = (down, up)
         self._bound = bound
@@ -93,14 +140,10 @@ def _make_hook(target: Target, state: LoRAState, out_slice: tuple[int, int] | No
             return None
         down, up = pair
         try:
-            delta = lora_delta(args[0], down, up, state.scale).to(output.dtype)
+            output = add_lora_delta(output, args[0], down, up, state.scale, out_slice)
         except ValueError as err:
             raise ValueError(f"{err} at target {target.id!r}") from None
         state.calls += 1
-        if out_slice is None:
-            return output + delta
-        start, stop = out_slice
-        output[..., start:stop] += delta  # in place: a Linear's fresh output is not needed by its backward
         return output
 
     return hook
@@ -165,6 +208,78 @@ def hooked(resolved: list[tuple[Target, str, nn.Module]], state: LoRAState) -> I
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ------------------------------------------------------------------------------- fused weights
+
+FUSIBLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp8 and quantised weights keep the hooks
+
+
+def fusible_weight(module: nn.Module) -> bool:
+    """Whether `module`'s weight is a plain float Parameter that can be swapped for a merged copy."""
+    weight = module._parameters.get("weight")
+    return type(weight) is nn.Parameter and weight.dtype in FUSIBLE_DTYPES  # not a subclass: quantised formats
+
+
+def merge_weights(
+    weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]], scale: float
+) -> torch.Tensor:
+    """A new tensor: `weight` plus ``scale * up @ down`` of each (down (r, i), up (o, r), out_slice) in its rows.
+
+    `weight` is only read. The sum is formed in fp32 and rounded once to the weight's dtype, so fp16/bf16
+    weights lose nothing to the merge beyond that rounding.
+    """
+    merged = weight.detach().to(torch.float32, copy=True)
+    for down, up, out_slice in parts:
+        rows = merged if out_slice is None else merged[out_slice[0] : out_slice[1]]
+        rows.addmm_(up.to(merged), down.to(merged), alpha=scale)
+    return merged.to(weight.dtype)
+
+
+def fused_weights(
+    resolved: list[tuple[Target, str, nn.Module]], factors: Factors, sample: int, scale: float, fusible=fusible_weight
+) -> tuple[dict[nn.Module, nn.Parameter], list[tuple[Target, str, nn.Module]]]:
+    """Merge sample `sample`'s LoRA into a copy of each fusible target module's weight.
+
+    Targets that share a module (FLUX's fused qkv and linear1 slices) go into one merged weight, each in its
+    own rows. Returns ({module: merged Parameter}, the resolved rows left to the hook path).
+    """
+    groups: dict[nn.Module, list] = {}
+    rest = []
+    for target, path, module in resolved:
+        if not fusible(module):
+            rest.append((target, path, module))
+            continue
+        down, up = factors[target.id]
+        groups.setdefault(module, []).append((down[sample], up[sample], fused_slice(target, module)))
+    merged = {
+        module: nn.Parameter(merge_weights(module.weight, parts, scale), requires_grad=False)
+        for module, parts in groups.items()
+    }
+    return merged, rest
+
+
+@contextmanager
+def swapped_weights(merged: dict[nn.Module, nn.Parameter]) -> Iterator[None]:
+    """Point each module's weight at its merged Parameter; the original Parameter objects go back on exit,
+    also on an exception or an interrupt.
+
+    Nothing is written into the original tensors, so a model whose weights other ModelPatchers share
+    stays bit-identical. The parameter table is set directly (not through ``setattr``): this runs twice
+    per model call for every fused module, and ``nn.Module.__setattr__`` costs microseconds each time.
+    """
+    originals = []
+    try:
+        for module, weight in merged.items():
+            originals.append((module, module._parameters["weight"]))
+            module._parameters["weight"] = weight
+        yield
+    finally:
+        for module, original in reversed(originals):
+            module._parameters["weight"] = original
+
+
+# ---------------------------------------------------------------------------------- statistics
 
 
 def _frobenius_inner(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

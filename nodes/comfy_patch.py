@@ -5,18 +5,25 @@
 - CALC_COND_BATCH, once per model evaluation: find the step from the evaluation's sigma, and, when
   the schedule says so, run the perception encoder and the hypernetwork once on the B positive rows.
 - APPLY_MODEL, once per model call (a call may hold the cond and the uncond chunk, or only one):
-  forward hooks add each sample's LoRA to that sample's rows, and are removed when the call
-  returns or raises.
+  the LoRA is in force for exactly the duration of the call, then gone, also when the call raises.
+
+How the LoRA gets into the model, prepared once per prediction (:class:`_Applied`) and reused by every
+model call until the next one:
+- Fused: when every row of a call shares one LoRA (one sample, modes in ``FUSE_MODES``), the LoRA is
+  merged into new weight tensors that replace the target modules' weights during each call; the
+  original tensors are never written and are back in place after the call (``lora.swapped_weights``).
+- Hooked: otherwise, and for modules whose weights ComfyUI casts or patches per call (low-VRAM,
+  manual cast, fp8, weight functions), forward hooks add each sample's LoRA to that sample's rows.
 
 Steps come from the evaluation's sigma against the run's schedule (``locate_step``): a schedule sigma
 starts that step, a sigma between two (dpm_2's midpoint) belongs to the step in progress. Heun's
 corrector evaluates at the next step's sigma and so already gets that step's LoRA; the sampler's
 per-step callback cannot do better, since k-diffusion calls it between Heun's two evaluations.
 
-Nothing is merged into weights and the input MODEL is only cloned, so other patches (LoRA loaders,
-other wrappers) compose, and the input MODEL is exactly as before after any run. The hypernetwork
-is attached to the patched MODEL as an additional model, so ComfyUI's model management loads and
-offloads it with the diffusion model.
+The input MODEL is only cloned and its weight tensors are never written, so other patches (LoRA
+loaders, other wrappers) compose, and the input MODEL is exactly as before after any run. The
+hypernetwork is attached to the patched MODEL as an additional model, so ComfyUI's model management
+loads and offloads it with the diffusion model.
 """
 
 from __future__ import annotations
@@ -35,7 +42,16 @@ import comfy.supported_models
 import torch
 
 from ..hyperalign.io import Predictor
-from ..hyperalign.lora import Factors, LoRAState, hooked, resolve_modules, rows_to_samples
+from ..hyperalign.lora import (
+    Factors,
+    LoRAState,
+    fused_weights,
+    fusible_weight,
+    hooked,
+    resolve_modules,
+    rows_to_samples,
+    swapped_weights,
+)
 from ..hyperalign.runtime import AlignRun, HypernetCall
 from ..hyperalign.schedule import MODES, locate_step, validate_keysteps
 from ..hyperalign.targets import FLUX, SD15, DiTArch, UNetArch, arch_to_dict
@@ -44,6 +60,10 @@ from . import encoders
 logger = logging.getLogger(__name__)
 
 KEY = "hyperalign"  # wrapper and additional-model key
+FUSE = True  # merge the LoRA into the weights when every row shares one; False: forward hooks only
+# S predicts at every step, so a merge would serve one model evaluation: the side paths cost less there
+# (docs/performance.md has the numbers)
+FUSE_MODES = ("I", "P")
 FROM_FILE = "from_file"
 _EPS = 1e-6
 _FAMILY_LABEL = {SD15: "SD1.5", FLUX: "FLUX.1"}
@@ -203,6 +223,55 @@ def make_settings(
     return AlignSettings(chosen, tuple(steps), float(strength), float(start_percent), float(end_percent), node_id)
 
 
+def _fusible_on(device: torch.device):
+    """Modules whose weight can be swapped for a merged copy: a plain float Parameter already on the compute
+    device, used as is by the forward (ComfyUI's manual-cast and low-VRAM layers cast it, or patch it
+    through weight functions, on every call: those keep the hooks)."""
+
+    def fusible(module) -> bool:
+        return (
+            fusible_weight(module)
+            and module.weight.device == device
+            and not getattr(module, "comfy_cast_weights", False)
+            and not getattr(module, "weight_function", None)
+            and not getattr(module, "bias_function", None)
+        )
+
+    return fusible
+
+
+@dataclass(eq=False)
+class _Applied:
+    """One prediction's factors made ready for model calls, on first use: merged weights for the fusible
+    target modules (only when every row shares one LoRA), and per-row-layout bound states for the rest."""
+
+    factors: Factors
+    samples: int
+    scale: float
+    fuse: bool
+    merged: dict | None = None  # module -> merged weight Parameter
+    hooked: list | None = None  # resolved rows left to the hook path
+    states: dict = field(default_factory=dict)  # (rows, device) -> LoRAState
+
+    def prepare(self, resolved: list, device: torch.device) -> None:
+        if self.merged is not None:
+            return
+        if self.fuse:
+            self.merged, self.hooked = fused_weights(resolved, self.factors, 0, self.scale, _fusible_on(device))
+        else:
+            self.merged, self.hooked = {}, resolved
+
+    def state_for(self, rows: int, device: torch.device) -> LoRAState:
+        key = (rows, device)
+        state = self.states.get(key)
+        if state is None:
+            state = LoRAState(scale=self.scale)
+            index = None if rows == self.samples else rows_to_samples(rows, self.samples).to(device)
+            state.bind(self.factors, index, device=device)
+            self.states[key] = state
+        return state
+
+
 @dataclass
 class _Run:
     """State of one sampler call."""
@@ -210,9 +279,10 @@ class _Run:
     align: AlignRun
     sample_sigmas: torch.Tensor
     sigma_list: list[float] = field(default_factory=list)  # the same, read once (no device sync per call)
+    progress_list: list[float] | None = None  # progress of each schedule sigma, read once
     step: int | None = None
-    batch: int = 0
-    factors: Factors | None = None  # set only while one model evaluation is in flight
+    applied: _Applied | None = None  # the current prediction's LoRA, ready for model calls
+    active: bool = False  # True only while one model evaluation is in flight
     resolved: list | None = None
 
     @property
@@ -265,20 +335,23 @@ class _Patch:
     def outer_sample(self, executor, *args, **kwargs):
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
         align = AlignRun(self.settings.mode, self.settings.keysteps, collect_stats=True)
-        run = _Run(align, sigmas, [float(s) for s in sigmas])
+        run = _Run(align, sigmas, sigmas.tolist())
         previous, self.run = self.run, run
         try:
             return executor(*args, **kwargs)
         finally:
             self.run = previous
+            run.applied = None  # merged weights go now, not when the run object is collected
             self._report(run)
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         run = self.run
         if run is None:  # not inside a sampler call of this patch
             return executor(model, conds, x_in, timestep, model_options)
+        if run.progress_list is None:
+            run.progress_list = progress_of_sigma(model.model_sampling, run.sample_sigmas, self.family).tolist()
         run.step = locate_step(run.sigma_list, float(timestep[0]), run.step)
-        progress = float(progress_of_sigma(model.model_sampling, run.sample_sigmas[run.step], self.family))
+        progress = run.progress_list[run.step]
         if not self.settings.active_at(progress):
             return executor(model, conds, x_in, timestep, model_options)
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -288,20 +361,33 @@ class _Patch:
             self._announce(factors, run.align.calls[-1])
         if run.resolved is None:
             run.resolved = resolve_modules(model.diffusion_model, self.predictor.targets, _comfy_path)
-        run.factors, run.batch = factors, x_in.shape[0]
+        if run.applied is None or run.applied.factors is not factors:
+            run.applied = None  # drop the previous merged weights before any new ones are made
+            run.applied = _Applied(factors, x_in.shape[0], self.scale, self._fuses(model, x_in.shape[0]))
+        run.active = True
         try:
             return executor(model, conds, x_in, timestep, model_options)
         finally:
-            run.factors = None
+            run.active = False
+
+    def _fuses(self, model, samples: int) -> bool:
+        """Merge into the weights only when every row shares one LoRA and the merge serves several model
+        evaluations; never when ComfyUI hook patches may rewrite weights in place between calls."""
+        patcher = getattr(model, "current_patcher", None)
+        return FUSE and samples == 1 and self.settings.mode in FUSE_MODES and not getattr(patcher, "hook_patches", None)
 
     def apply_model(self, executor, *args, **kwargs):
         run = self.run
-        if run is None or run.factors is None:
+        if run is None or not run.active:
             return executor(*args, **kwargs)
         x = args[0] if args else kwargs["x"]
-        state = LoRAState(scale=self.scale)
-        state.bind(run.factors, rows_to_samples(x.shape[0], run.batch), device=x.device)
-        with hooked(run.resolved, state):
+        applied = run.applied
+        applied.prepare(run.resolved, x.device)
+        if not applied.hooked:
+            with swapped_weights(applied.merged):
+                return executor(*args, **kwargs)
+        state = applied.state_for(x.shape[0], x.device)
+        with swapped_weights(applied.merged), hooked(applied.hooked, state):
             return executor(*args, **kwargs)
 
     def _predict(self, model, conds, x_in, sigma) -> Factors:

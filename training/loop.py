@@ -85,6 +85,11 @@ def preference_loss(tr: Trainer, batch) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
+def local_tensor(value):
+    """FSDP2 returns the gradient norm as a replicated DTensor; collectives and logging want a plain tensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def train_step(tr: Trainer) -> dict[str, float]:
     """One optimizer step (grad_accum_steps micro-batches); returns metrics averaged over ranks."""
     acc, cfg = tr.accelerator, tr.cfg
@@ -106,7 +111,7 @@ def train_step(tr: Trainer) -> dict[str, float]:
                 metrics["loss_pref"] = loss_g.detach()
             if acc.sync_gradients:
                 limit = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                metrics["grad_norm"] = acc.clip_grad_norm_(tr.hypernet.parameters(), limit)
+                metrics["grad_norm"] = local_tensor(acc.clip_grad_norm_(tr.hypernet.parameters(), limit))
             tr.optimizer.step()
             tr.optimizer.zero_grad(set_to_none=True)
         for key, value in metrics.items():

@@ -1,0 +1,207 @@
+"""Fused LoRA (merged into swapped weights, one sample) against the forward-hook path, in the real ComfyUI.
+
+Both paths must give the same latents (fp32, tight tolerance), the fused path must really be taken
+(every target module merged, no hooks), and the input MODEL's weights must be bit-identical and the
+very same Parameter objects after a fused run, after an exception inside a fused model call and
+after an interrupt.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_testlib import apply, runs, sample
+
+STEPS = 6
+# three distinct keystep steps in 6 steps of each family's schedule: FLUX's shifted schedule reaches only
+# progress 0.61 at its last step (a keystep past it never fires), and passes 0.4 only there
+KEYSTEPS = {"sd15": "0, 0.4, 0.7", "flux": "0, 0.01, 0.6"}
+
+
+@pytest.fixture
+def comfy_patch(hyperalign_pack):
+    return hyperalign_pack.submodule("nodes.comfy_patch")
+
+
+@pytest.fixture
+def merges(comfy_patch, monkeypatch):
+    """Records each merge the nodes make: (modules merged, targets left to the hooks)."""
+    made = []
+    original = comfy_patch.fused_weights
+
+    def spy(*args, **kwargs):
+        merged, rest = original(*args, **kwargs)
+        made.append((len(merged), len(rest)))
+        return merged, rest
+
+    monkeypatch.setattr(comfy_patch, "fused_weights", spy)
+    return made
+
+
+def _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, model, family, name, node, mode, **kwargs):
+    patched = apply(node, model, name, mode=mode, keysteps=KEYSTEPS[family] if mode == "P" else "")
+    fused = sample(comfy, tiny, patched, family, 1, steps=STEPS, **kwargs)
+    monkeypatch.setattr(comfy_patch, "FUSE", False)
+    hooked = sample(comfy, tiny, patched, family, 1, steps=STEPS, **kwargs)
+    monkeypatch.setattr(comfy_patch, "FUSE", True)
+    return fused, hooked
+
+
+def _target_modules(node, predictor_name: str) -> int:
+    """How many modules the predictor's targets live in (FLUX's fused q, k, v slices share one)."""
+    loaded = node("HyperAlignLoader", predictor_name=predictor_name).args[0]
+    return len({t.comfy for t in loaded.predictor.targets})
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize(
+    ("mode", "sampler", "cfg"), [("I", "euler", 5.0), ("P", "euler", 5.0), ("P", "heun", 1.0), ("S", "euler", 5.0)]
+)
+def test_fused_equals_hooked(
+    comfy, tiny, base_models, predictors, node, ui_events, comfy_patch, merges, monkeypatch, family, mode, sampler, cfg
+):
+    model = base_models[family]
+    name = predictors[f"{family}_a"]
+    monkeypatch.setattr(comfy_patch, "FUSE_MODES", ("S", "I", "P"))  # S too: its merges must be right as well
+    fused, hooked = _fused_and_hooked(
+        comfy, tiny, comfy_patch, monkeypatch, model, family, name, node, mode, sampler=sampler, cfg=cfg
+    )
+    plain = sample(comfy, tiny, model, family, 1, steps=STEPS, sampler=sampler, cfg=cfg)
+    predictions = [len(run["calls"]) for run in runs(ui_events)]
+    assert predictions[0] == predictions[1] == {"I": 1, "P": 3, "S": STEPS}[mode]
+    # the fused run merged every target module once per prediction and left nothing to the hooks
+    assert merges == [(_target_modules(node, name), 0)] * predictions[0]
+    scale = float(hooked.abs().max())
+    torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * scale)
+    assert float((hooked - plain).abs().max()) > 1e-2 * scale  # the LoRA did matter, far beyond the tolerance
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_batches_of_several_samples_keep_the_hooks(
+    comfy, tiny, base_models, predictors, node, comfy_patch, merges, family
+):
+    patched = apply(node, base_models[family], predictors[f"{family}_a"], mode="I")
+    sample(comfy, tiny, patched, family, 2, steps=2)
+    assert merges == []
+
+
+@pytest.mark.comfy
+def test_layers_comfyui_casts_per_call_keep_the_hooks(comfy, tiny, predictors, node, comfy_patch, merges, monkeypatch):
+    """Manual-cast / low-VRAM layers read their weight through ComfyUI's cast on every call: they stay hooked,
+    the others are fused, and the result is the hook path's."""
+    model = tiny.build_model("sd15", seed=0)
+    cast = [m for name, m in model.model.diffusion_model.named_modules() if name.endswith("attn2.to_k")]
+    for module in cast:
+        module.comfy_cast_weights = True
+    name = predictors["sd15_a"]
+    fused, hooked = _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, model, "sd15", name, node, "I")
+    assert merges == [(_target_modules(node, name) - len(cast), len(cast))]
+    torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
+
+
+def _diff_patch(model, seed: int) -> dict:
+    """A LoRA-like weight patch on every attention to_q, as a LoRA loader adds."""
+    generator = torch.Generator().manual_seed(seed)
+    state = model.model.state_dict()
+    return {k: (0.05 * torch.randn(state[k].shape, generator=generator),) for k in state if k.endswith("to_q.weight")}
+
+
+@pytest.mark.comfy
+def test_fuses_on_top_of_a_loaded_lora(comfy, tiny, predictors, node, comfy_patch, merges, monkeypatch):
+    model = tiny.build_model("sd15", seed=0)
+    before = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    lora = model.clone()
+    lora.add_patches(_diff_patch(model, 3), 1.0)
+    name = predictors["sd15_a"]
+    fused, hooked = _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, lora, "sd15", name, node, "P")
+    assert len(merges) == 3
+    torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
+    without = sample(
+        comfy,
+        tiny,
+        apply(node, model, predictors["sd15_a"], mode="P", keysteps=KEYSTEPS["sd15"]),
+        "sd15",
+        1,
+        steps=STEPS,
+    )
+    assert float((without - fused).abs().max()) > 1e-2 * float(fused.abs().max())  # the loaded LoRA was merged under
+    after = model.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------------- safety
+
+
+def _weights(model) -> dict:
+    """Every parameter's object and a copy of its value."""
+    return {name: (param, param.detach().clone()) for name, param in model.model.named_parameters()}
+
+
+def _assert_same_weights(model, before: dict) -> None:
+    after = dict(model.model.named_parameters())
+    assert after.keys() == before.keys()
+    swapped = [name for name, (param, _) in before.items() if after[name] is not param]
+    assert not swapped, f"weights not restored: {swapped[:3]}"
+    changed = [name for name, (param, value) in before.items() if not torch.equal(param, value)]
+    assert not changed, f"weights changed: {changed[:3]}"
+    hooked = [name for name, m in model.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert not hooked, f"hooks left on {hooked[:3]}"
+
+
+def _failing_inside_a_fused_call(comfy, patched, family, action, at_call: int = 3):
+    """A clone whose output layer runs `action` on its `at_call`-th forward, checking that the merged
+    weights are in place at that moment (so the failure happens mid-fuse)."""
+    failing = patched.clone()
+    diffusion_model = failing.model.diffusion_model
+    last = diffusion_model.out if family == "sd15" else diffusion_model.final_layer
+    originals = {id(p) for p in diffusion_model.parameters()}
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(1)
+        if len(calls) == at_call:
+            current = {id(p) for p in diffusion_model.parameters()}
+            assert current != originals, "the merged weights should be in place here"
+            action()
+
+    return failing, last.register_forward_hook(hook)
+
+
+def _boom():
+    raise RuntimeError("boom")
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("failure", ["none", "exception", "interrupt_in_call", "interrupt_between_steps"])
+def test_input_weights_are_bit_identical_after_a_fused_run(
+    comfy, tiny, predictors, node, ui_events, merges, family, failure
+):
+    model = tiny.build_model(family, seed=0)
+    before = _weights(model)
+    patched = apply(node, model, predictors[f"{family}_a"], mode="P", keysteps=KEYSTEPS[family])
+    first = sample(comfy, tiny, patched, family, 1, steps=STEPS)
+    assert merges, "the fused path should have been taken"
+    _assert_same_weights(model, before)
+    if failure == "none":
+        return
+
+    def interrupt():
+        comfy.mm.interrupt_current_processing()
+        if failure == "interrupt_in_call":
+            comfy.mm.throw_exception_if_processing_interrupted()  # what ComfyUI's ops and progress hook do
+
+    action = _boom if failure == "exception" else interrupt
+    failing, handle = _failing_inside_a_fused_call(comfy, patched, family, action)
+    expected = RuntimeError if failure == "exception" else comfy.mm.InterruptProcessingException
+    try:
+        with pytest.raises(expected):
+            sample(comfy, tiny, failing, family, 1, steps=STEPS)
+    finally:
+        handle.remove()
+        comfy.mm.interrupt_current_processing(False)
+    _assert_same_weights(model, before)
+    assert len(runs(ui_events)) == 2  # the failed run was torn down and reported too
+    assert torch.equal(sample(comfy, tiny, patched, family, 1, steps=STEPS), first)
