@@ -61,7 +61,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     log_with = None if cfg.run.report_to == "none" else cfg.run.report_to
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
         mixed_precision=cfg.run.mixed_precision,
         log_with=log_with,
@@ -73,6 +73,25 @@ def make_accelerator(cfg: TrainConfig):
             DistributedDataParallelKwargs(broadcast_buffers=False),
         ],
     )
+    check_world(accelerator)
+    return accelerator
+
+
+def check_world(accelerator) -> None:
+    """Refuse a launch whose processes each think they run alone: they would all write the same run folder.
+
+    accelerate does this silently when an FSDP (or GPU) launch config meets a machine without GPUs: it
+    enables FSDP only on accelerators and otherwise leaves every process undistributed.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"HyperAlign: the launcher started {launched} processes but accelerate set up "
+            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}, device "
+            f"{accelerator.device}); every process would train alone and write the same run folder. HINT: "
+            "FSDP launch configs need GPUs; on CPU launch with torchrun or accelerate's ddp.yaml and "
+            "run.cpu=true (model.shard_base=true still shards the frozen base)."
+        )
 
 
 def setup_logging(accelerator, run_dir: str) -> None:
