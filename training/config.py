@@ -46,7 +46,8 @@ class ModelConfig:
     vae_checkpointing: bool = True
     shard_base: bool = False  # FSDP2-shard the frozen denoiser's blocks across ranks (FLUX on small cards)
     max_sequence_length: int = 512  # FLUX T5 tokens (schnell: 256)
-    # SD1.5 DDIM steps: "trailing" starts at t=999 as ComfyUI's samplers do ("leading" is diffusers' SD1.5 default)
+    # SD1.5 DDIM timesteps: "trailing" = ComfyUI's "simple" (its default) and "sgm_uniform" schedulers, "linspace" =
+    # its "normal" one, each to within one timestep (tests/parity); "leading" is diffusers' SD1.5 default
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
 
     def __post_init__(self):

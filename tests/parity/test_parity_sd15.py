@@ -134,6 +134,36 @@ def test_sigma_and_timestep_conventions_agree(hosts):
     assert float(sigmas[-1]) == 0.0 and float(hosts.schedule.scheduler.final_alpha_cumprod) == 1.0
 
 
+# ComfyUI scheduler -> the trainer's model.timestep_spacing that walks the same timesteps, and how far apart they
+# may be: "simple" indexes the 1000-entry sigma table with int(i * 1000 / N), diffusers rounds (1000 - i * 1000 / N);
+# "normal" walks linspace(999, 0, N) through interpolated sigmas (whose model timestep ComfyUI rounds to the nearest
+# table entry), diffusers rounds linspace(0, 999, N); a x.5 may round either way
+SCHEDULE_MATCH = [("simple", "trailing"), ("sgm_uniform", "trailing"), ("normal", "linspace")]
+
+
+@pytest.mark.parametrize("comfy_scheduler, spacing", SCHEDULE_MATCH)
+@pytest.mark.parametrize("steps", [10, 20, 25, 30, 50])
+def test_training_spacing_walks_comfyui_scheduler_timesteps(hosts, comfy_scheduler, spacing, steps):
+    """Which model.timestep_spacing trains on the timesteps a ComfyUI scheduler samples (training/README.md)."""
+    import dataclasses
+
+    import comfy.samplers
+
+    ms = hosts.base.get_model_object("model_sampling")
+    comfy_t = [float(ms.timestep(s)) for s in comfy.samplers.calculate_sigmas(ms, comfy_scheduler, steps)[:-1]]
+    family = hosts.family
+    saved = family.cfg
+    family.cfg = dataclasses.replace(saved, timestep_spacing=spacing)
+    try:
+        trainer_t = family.schedule(steps).t
+    finally:
+        family.cfg = saved
+    assert len(trainer_t) == len(comfy_t) == steps
+    assert max(abs(a - b) for a, b in zip(trainer_t, comfy_t)) <= 1.0, (trainer_t, comfy_t)  # one table entry
+    if comfy_scheduler == "simple" and 1000 % steps == 0:
+        assert trainer_t == comfy_t  # the default pairing is exact when the step count divides 1000
+
+
 def test_every_step_same_eps_hypernet_inputs_and_factors(hosts, comfy_s):
     import comfy.samplers
 
