@@ -8,7 +8,8 @@ HyperAlign Apply node in modes S, P (keysteps 0, 0.3, 0.6) and I, interleaved, a
 Prints Markdown tables: seconds per image (median), the ratio to plain taken round by round,
 hypernet calls, extra peak memory; then where the time goes (one instrumented run per mode), the
 FLUX-shaped ratios carried to FLUX.1's real depth, and the hypernet's size for the real-size configs.
-Runs on CUDA when present (--device). --no-fuse keeps the forward-hook path everywhere.
+Runs on CUDA when present (--device). --fuse never keeps the forward-hook path everywhere; --fuse always merges
+at batch 1 in I/P on CPU too (the default merges on GPUs only).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--breakdown-batch", type=int, nargs="+", default=[1], help="batch sizes of the instrumented runs")
     p.add_argument("--breakdown-modes", nargs="+", default=["S", "P", "I"], choices=list(MODES))
-    p.add_argument("--no-fuse", action="store_true", help="always use the forward-hook path (for before/after)")
+    p.add_argument(
+        "--fuse", choices=["auto", "always", "never"], default=None, help="LoRA fusing policy (default: the nodes')"
+    )
+    p.add_argument("--no-fuse", action="store_true", help="= --fuse never: the forward-hook path everywhere")
     p.add_argument("--fuse-modes", nargs="+", default=None, choices=list(MODES), help="modes that fuse at batch 1")
     p.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or the test host)")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
@@ -374,9 +378,11 @@ def fusing_state(host, args) -> str:
     comfy_patch = host.submodule("nodes.comfy_patch")
     if not hasattr(comfy_patch, "FUSE"):
         return "not implemented (hook path only)"
-    if not comfy_patch.FUSE:
-        return "off (--no-fuse)"
-    return f"on at batch 1 in modes {', '.join(comfy_patch.FUSE_MODES)}"
+    policy = {True: "always", False: "never"}.get(comfy_patch.FUSE, comfy_patch.FUSE)
+    if policy == "never":
+        return "off (--fuse never)"
+    where = "on GPUs (auto)" if policy == "auto" else "always"
+    return f"{where}, at batch 1 in modes {', '.join(comfy_patch.FUSE_MODES)}"
 
 
 def main(argv=None) -> None:
@@ -391,8 +397,10 @@ def main(argv=None) -> None:
     host = models.start_host(args.comfyui, want)
     install_ui_recorder()
     comfy_patch = host.submodule("nodes.comfy_patch")
-    if args.no_fuse and hasattr(comfy_patch, "FUSE"):
-        comfy_patch.FUSE = False
+    if args.no_fuse:
+        args.fuse = "never"
+    if args.fuse is not None:
+        comfy_patch.FUSE = args.fuse
     if args.fuse_modes is not None:
         comfy_patch.FUSE_MODES = tuple(args.fuse_modes)
     rows, infos, benches = [], [], []

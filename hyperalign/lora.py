@@ -229,6 +229,9 @@ def merge_weights(
     `weight` is only read. The sum is formed in fp32 and rounded once to the weight's dtype, so fp16/bf16
     weights lose nothing to the merge beyond that rounding.
     """
+    if weight.dtype == torch.float32 and len(parts) == 1 and parts[0][2] is None:
+        down, up, _ = parts[0]  # the common case in one pass: fresh memory is written once, not copied then updated
+        return torch.addmm(weight.detach(), up.to(weight), down.to(weight), alpha=scale)
     merged = weight.detach().to(torch.float32, copy=True)
     for down, up, out_slice in parts:
         rows = merged if out_slice is None else merged[out_slice[0] : out_slice[1]]

@@ -60,9 +60,13 @@ from . import encoders
 logger = logging.getLogger(__name__)
 
 KEY = "hyperalign"  # wrapper and additional-model key
-FUSE = True  # merge the LoRA into the weights when every row shares one; False: forward hooks only
+# Merge the LoRA into the weights when every row shares one: "auto" on GPUs and other accelerators (where each
+# hooked call pays launch and Python overhead per target, and a merge is a fast copy), not on CPU (where the side
+# paths cost 0.5 % of a step and a merge's 0.3 GB copy pays back only after 2 to 20 model calls); "always"/"never"
+# force it. docs/performance.md has the numbers. HYPERALIGN_FUSE sets it for a ComfyUI session.
+FUSE_CHOICES = ("auto", "always", "never")
+FUSE = os.environ.get("HYPERALIGN_FUSE", "auto")
 # S predicts at every step, so a merge would serve one model evaluation: the side paths cost less there
-# (docs/performance.md has the numbers)
 FUSE_MODES = ("I", "P")
 FROM_FILE = "from_file"
 _EPS = 1e-6
@@ -240,6 +244,33 @@ def _fusible_on(device: torch.device):
     return fusible
 
 
+def fuse_on(device: torch.device) -> bool:
+    """The FUSE policy for a model running on `device` (True/False are accepted as always/never)."""
+    policy = {True: "always", False: "never"}.get(FUSE, FUSE)
+    if policy not in FUSE_CHOICES:
+        raise ValueError(
+            f"HyperAlign: HYPERALIGN_FUSE={FUSE!r} is not one of {FUSE_CHOICES}. HINT: unset it for 'auto'."
+        )
+    return policy == "always" or (policy == "auto" and device.type != "cpu")
+
+
+def _room_to_merge(resolved: list, fusible, device: torch.device) -> bool:
+    """Whether merged copies of the fusible target weights fit in free memory next to ComfyUI's inference reserve
+    (FLUX's attention targets are about 5 GB in bf16). If not, the hooks serve: they need no copies."""
+    weights = {id(module): module.weight for _, _, module in resolved if fusible(module)}
+    needed = sum(w.numel() * w.element_size() for w in weights.values())
+    needed += max((w.numel() * 4 for w in weights.values()), default=0)  # one fp32 working copy (half dtypes)
+    free = comfy.model_management.get_free_memory(device)
+    if needed + comfy.model_management.minimum_inference_memory() <= free:
+        return True
+    logger.info(
+        "HyperAlign: not merging the LoRA into the weights (needs %.0f MB, %.0f MB free); using forward hooks",
+        needed / 2**20,
+        free / 2**20,
+    )
+    return False
+
+
 @dataclass(eq=False)
 class _Applied:
     """One prediction's factors made ready for model calls, on first use: merged weights for the fusible
@@ -256,8 +287,9 @@ class _Applied:
     def prepare(self, resolved: list, device: torch.device) -> None:
         if self.merged is not None:
             return
-        if self.fuse:
-            self.merged, self.hooked = fused_weights(resolved, self.factors, 0, self.scale, _fusible_on(device))
+        fusible = _fusible_on(device)
+        if self.fuse and _room_to_merge(resolved, fusible, device):
+            self.merged, self.hooked = fused_weights(resolved, self.factors, 0, self.scale, fusible)
         else:
             self.merged, self.hooked = {}, resolved
 
@@ -363,18 +395,23 @@ class _Patch:
             run.resolved = resolve_modules(model.diffusion_model, self.predictor.targets, _comfy_path)
         if run.applied is None or run.applied.factors is not factors:
             run.applied = None  # drop the previous merged weights before any new ones are made
-            run.applied = _Applied(factors, x_in.shape[0], self.scale, self._fuses(model, x_in.shape[0]))
+            run.applied = _Applied(factors, x_in.shape[0], self.scale, self._fuses(model, x_in.shape[0], x_in.device))
         run.active = True
         try:
             return executor(model, conds, x_in, timestep, model_options)
         finally:
             run.active = False
 
-    def _fuses(self, model, samples: int) -> bool:
+    def _fuses(self, model, samples: int, device: torch.device) -> bool:
         """Merge into the weights only when every row shares one LoRA and the merge serves several model
         evaluations; never when ComfyUI hook patches may rewrite weights in place between calls."""
         patcher = getattr(model, "current_patcher", None)
-        return FUSE and samples == 1 and self.settings.mode in FUSE_MODES and not getattr(patcher, "hook_patches", None)
+        return (
+            fuse_on(device)
+            and samples == 1
+            and self.settings.mode in FUSE_MODES
+            and not getattr(patcher, "hook_patches", None)
+        )
 
     def apply_model(self, executor, *args, **kwargs):
         run = self.run

@@ -23,6 +23,12 @@ def comfy_patch(hyperalign_pack):
     return hyperalign_pack.submodule("nodes.comfy_patch")
 
 
+@pytest.fixture(autouse=True)
+def fuse_on_cpu(comfy_patch, monkeypatch):
+    """The default ("auto") fuses on GPUs only; these tests run the fused path on CPU."""
+    monkeypatch.setattr(comfy_patch, "FUSE", "always")
+
+
 @pytest.fixture
 def merges(comfy_patch, monkeypatch):
     """Records each merge the nodes make: (modules merged, targets left to the hooks)."""
@@ -41,9 +47,9 @@ def merges(comfy_patch, monkeypatch):
 def _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, model, family, name, node, mode, **kwargs):
     patched = apply(node, model, name, mode=mode, keysteps=KEYSTEPS[family] if mode == "P" else "")
     fused = sample(comfy, tiny, patched, family, 1, steps=STEPS, **kwargs)
-    monkeypatch.setattr(comfy_patch, "FUSE", False)
+    monkeypatch.setattr(comfy_patch, "FUSE", "never")
     hooked = sample(comfy, tiny, patched, family, 1, steps=STEPS, **kwargs)
-    monkeypatch.setattr(comfy_patch, "FUSE", True)
+    monkeypatch.setattr(comfy_patch, "FUSE", "always")
     return fused, hooked
 
 
@@ -85,6 +91,49 @@ def test_batches_of_several_samples_keep_the_hooks(
     patched = apply(node, base_models[family], predictors[f"{family}_a"], mode="I")
     sample(comfy, tiny, patched, family, 2, steps=2)
     assert merges == []
+
+
+@pytest.mark.comfy
+def test_auto_policy_fuses_on_accelerators_only(comfy_patch, monkeypatch):
+    monkeypatch.setattr(comfy_patch, "FUSE", "auto")
+    assert comfy_patch.fuse_on(torch.device("cuda", 0)) and comfy_patch.fuse_on(torch.device("xpu"))
+    assert not comfy_patch.fuse_on(torch.device("cpu"))
+    for forced, expected in (("always", True), ("never", False), (True, True), (False, False)):
+        monkeypatch.setattr(comfy_patch, "FUSE", forced)
+        assert comfy_patch.fuse_on(torch.device("cpu")) is expected
+    monkeypatch.setattr(comfy_patch, "FUSE", "sometimes")
+    with pytest.raises(ValueError, match="HYPERALIGN_FUSE='sometimes' is not one of"):
+        comfy_patch.fuse_on(torch.device("cpu"))
+
+
+@pytest.mark.comfy
+def test_auto_keeps_the_hooks_on_cpu(comfy, tiny, base_models, predictors, node, comfy_patch, merges, monkeypatch):
+    monkeypatch.setattr(comfy_patch, "FUSE", "auto")
+    patched = apply(node, base_models["sd15"], predictors["sd15_a"], mode="I")
+    sample(comfy, tiny, patched, "sd15", 1, steps=2)
+    assert merges == []
+
+
+@pytest.mark.comfy
+def test_no_room_for_merged_weights_keeps_the_hooks(comfy, tiny, predictors, node, comfy_patch, merges, monkeypatch):
+    """Merged copies need memory (FLUX's targets: about 5 GB in bf16): without room, the hooks serve, same result."""
+    import comfy.model_management
+
+    model = tiny.build_model("sd15", seed=0)
+    name = predictors["sd15_a"]
+    fused, _ = _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, model, "sd15", name, node, "I")
+    assert merges == [(_target_modules(node, name), 0)]
+    reserve = comfy.model_management.minimum_inference_memory()
+    free = reserve + 1024
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        return (free, free) if torch_free_too else free
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", get_free_memory)
+    patched = apply(node, model, name, mode="I")
+    short = sample(comfy, tiny, patched, "sd15", 1, steps=STEPS)
+    assert len(merges) == 1  # no second merge
+    torch.testing.assert_close(short, fused, rtol=0, atol=1e-5 * float(fused.abs().max()))
 
 
 @pytest.mark.comfy
