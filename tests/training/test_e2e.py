@@ -92,17 +92,23 @@ def test_run_writes_checkpoints_and_a_predictor_the_core_loads(reference, tmp_pa
     assert exported.meta.provenance["steps"] == 4
 
 
-def test_torchrun_two_processes_match_one_process(reference, tiny_sd15, prefs, tmp_path):
-    """2 ranks x batch 1 (gloo, frozen base sharded with FSDP2) == 1 rank x batch 2."""
-    args = (
-        tiny_overrides(tiny_sd15, prefs, tmp_path)
-        + STEPS
-        + ["optim.batch_size=1", "model.shard_base=True", "run.name='torchrun'"]
-    )
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run_module("training.train", args, launcher=launcher, timeout=600)
-    assert_same_curve(metrics(reference), metrics(tmp_path / "torchrun"))
-    assert_same_predictor(reference / "predictor.safetensors", tmp_path / "torchrun" / "predictor.safetensors")
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # the shipped DDP config, as the README runs it (it names GPUs; run.cpu=true makes it gloo on CPU)
+    "accelerate": ["-m", "accelerate.commands.launch", "--config_file", "training/configs/accelerate/ddp.yaml"]
+    + ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_match_one_process(reference, tiny_sd15, prefs, tmp_path, launcher):
+    """2 ranks x batch 1 (gloo) == 1 rank x batch 2; under torchrun the frozen base is also sharded with FSDP2."""
+    shard = ["model.shard_base=True"] if launcher == "torchrun" else []
+    args = tiny_overrides(tiny_sd15, prefs, tmp_path) + STEPS + ["optim.batch_size=1", "run.name='two'"] + shard
+    run_module("training.train", args, launcher=[sys.executable] + LAUNCHERS[launcher], timeout=600)
+    assert_same_curve(metrics(reference), metrics(tmp_path / "two"))
+    assert_same_predictor(reference / "predictor.safetensors", tmp_path / "two" / "predictor.safetensors")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["optim"]["batch_size"] == 1
 
 
 def test_killed_run_resumes_to_the_same_curve(reference, tiny_sd15, prefs, tmp_path):
