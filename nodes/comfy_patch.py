@@ -9,9 +9,10 @@
 
 How the LoRA gets into the model, prepared once per prediction (:class:`_Applied`) and reused by every
 model call until the next one:
-- Fused: when every row of a call shares one LoRA (one sample, modes in ``FUSE_MODES``), the LoRA is
-  merged into new weight tensors that replace the target modules' weights during each call; the
-  original tensors are never written and are back in place after the call (``lora.swapped_weights``).
+- Fused: when every row of a call shares one LoRA (one sample, modes in ``FUSE_MODES``), the ``FUSE`` policy
+  allows it (by default on GPUs, not on CPU) and the copies fit in free memory, the LoRA is merged into new
+  weight tensors that replace the target modules' weights during each call; the original tensors are never
+  written and are back in place after the call (``lora.swapped_weights``).
 - Hooked: otherwise, and for modules whose weights ComfyUI casts or patches per call (low-VRAM,
   manual cast, fp8, weight functions), forward hooks add each sample's LoRA to that sample's rows.
 
