@@ -28,7 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_measure import sync, timed  # noqa: E402
 
-from hyperalign.lora import LoRAState, fused_weights, hooked, resolve_modules, rows_to_samples  # noqa: E402
+from hyperalign.lora import (  # noqa: E402
+    LoRAState,
+    fused_weights,
+    hooked,
+    resolve_modules,
+    rows_to_samples,
+    swapped_weights,
+)
 from hyperalign.targets import SD15, UNetArch, build_table  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -89,7 +96,6 @@ def measure(latent: int, rows: int, rank: int, device, dtype, repeats: int) -> d
             merged.update(fused_weights(resolved, factors, 0, 1.0)[0])
 
         merge_time = median_seconds(merge, device, repeats)
-        from hyperalign.lora import swapped_weights
 
         def fused_call():
             with swapped_weights(merged):
@@ -123,7 +129,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     print(f"device {device}, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("SD1.5: 128 attention Linears (real sizes), rank", args.rank, "| rows per call", args.rows)
-    print("| latent | 128 Linears, plain ms | hooked side path ms/call | fused swap ms/call | merge ms | break-even calls |")
+    columns = ["latent", "128 Linears, plain ms", "hooked side path ms/call", "fused swap ms/call", "merge ms"]
+    print("| " + " | ".join(columns + ["break-even calls"]) + " |")
     print("|---|---|---|---|---|---|")
     for latent in args.latent:
         r = measure(latent, args.rows, args.rank, device, DTYPES[args.dtype], args.repeats)
