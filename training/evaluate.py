@@ -2,7 +2,8 @@
 
     python -m training.evaluate --config training/configs/sd15.yaml --predictor runs/sd15-hps/predictor.safetensors \\
         eval.prompts=prompts/test.txt "eval.metrics=[{'name': 'hps', 'path': 'HPS_v2.1_compressed.pt'}, \\
-        {'name': 'pickscore'}, {'name': 'imagereward'}, {'name': 'clip'}, {'name': 'aesthetic', 'path': 'sac.pth'}]"
+        {'name': 'pickscore'}, {'name': 'imagereward', 'path': 'ImageReward.pt'}, {'name': 'clip'}, \\
+        {'name': 'aesthetic', 'path': 'sac.pth'}]"
 
 For every prompt of ``eval.prompts`` and every seed of ``eval.seeds`` it samples with the base model
 and with the predictor in each of ``eval.modes`` (same noise, ``sampling.num_steps`` steps,

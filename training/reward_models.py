@@ -11,8 +11,13 @@
 - ``aesthetic``: LAION aesthetic v2, CLIP ViT-L/14 image embeddings (``options.clip``, default
   openai/clip-vit-large-patch14) through the MLP head 768-1024-128-64-16-1 (``path``: the head file,
   e.g. sac+logos+ava1-l14-linearMSE.pth, or .safetensors). Score about 5-7.
-- ``imagereward``: ImageReward-v1.0 through the optional ``image-reward`` package (``path``: the
-  ImageReward.pt file or the name "ImageReward-v1.0"; ``options.med_config``, ``options.download_root``).
+- ``imagereward``: ImageReward-v1.0 rebuilt on transformers' BLIP classes (no ``image-reward`` package):
+  BlipVisionModel (ViT-L/16, 224 px), BlipTextModel (BERT-base cross-attending to the image tokens), the
+  MLP head on the CLS token, then (r - mean) / std as ImageReward.score. ``path``: ImageReward.pt
+  (HF THUDM/ImageReward) or a .safetensors copy, keys renamed from the original layout (unknown or missing
+  keys are errors). Options: ``tokenizer`` (bert-base-uncased folder or Hub id, default bert-base-uncased;
+  [DEC] and [ENC] are added as BLIP does), ``arch`` (size overrides, ``{vision: {...}, text: {...}}``).
+  Score normalised to mean 0, std 1 over ImageReward's training data.
 
 All preprocessing is differentiable (:func:`training.rewards.clip_preprocess`); models are frozen
 but never wrapped in ``no_grad``, so reward gradients reach the image.
@@ -20,7 +25,9 @@ but never wrapped in ``no_grad``, so reward gradients reach the image.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import re
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +151,8 @@ def load_clip(spec: RewardSpec, device, dtype) -> nn.Module:
 
 
 class AestheticHead(nn.Module):
-    """The MLP of the LAION improved aesthetic predictor (its state-dict keys are layers.{0,2,4,6,7})."""
+    """The MLP of the LAION improved aesthetic predictor (its state-dict keys are layers.{0,2,4,6,7}); ImageReward's
+    head is the same MLP (no activations between the Linears) on the text encoder's CLS token."""
 
     def __init__(self, in_features: int = 768):
         super().__init__()
@@ -192,44 +200,215 @@ def load_aesthetic(spec: RewardSpec, device, dtype) -> nn.Module:
     return Aesthetic(clip.to(device, dtype), head.to(device, dtype))
 
 
-# ImageReward (optional extra) ----------------------------------------------------------------------
+# ImageReward (BLIP on transformers' own classes) ---------------------------------------------------
+
+# ImageReward.py normalises the MLP output with these statistics of its training rewards.
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
+IMAGEREWARD_MAX_TOKENS = 35  # ImageReward tokenises with padding="max_length", truncation, max_length 35
+
+# ImageReward-v1.0's sizes: BLIP's ViT-L/16 at 224 px and the BERT-base text encoder of med_config.json.
+# options.arch may override these keys (tests use a tiny model); everything else is fixed by the originals.
+IMAGEREWARD_ARCH = {
+    "vision": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 16,
+    },
+    "text": {
+        "vocab_size": 30524,  # bert-base-uncased + BLIP's [DEC] and [ENC]
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 512,
+    },
+}
+
+# Keys of ImageReward.pt the score never reads: BLIP's contrastive projections (ImageReward scores the
+# cross-attended CLS token instead) and med.py's position-id buffer, which BlipTextModel builds itself.
+IMAGEREWARD_IGNORED = frozenset(
+    {
+        "blip.vision_proj.weight",
+        "blip.vision_proj.bias",
+        "blip.text_proj.weight",
+        "blip.text_proj.bias",
+        "blip.text_encoder.embeddings.position_ids",
+    }
+)
+
+# (ImageReward.pt prefix, ImageRewardScore prefix); {n} is a block index. The ViT is timm's (blip/vit.py),
+# whose fused qkv rows are [q; k; v] with heads contiguous, the layout BlipAttention.qkv splits the same way.
+# BlipTextModel kept med.py's BERT names, so the text encoder only changes prefix.
+IMAGEREWARD_RENAMES = (
+    ("blip.visual_encoder.cls_token", "vision.embeddings.class_embedding"),
+    ("blip.visual_encoder.pos_embed", "vision.embeddings.position_embedding"),
+    ("blip.visual_encoder.patch_embed.proj.", "vision.embeddings.patch_embedding."),
+    ("blip.visual_encoder.blocks.{n}.norm1.", "vision.encoder.layers.{n}.layer_norm1."),
+    ("blip.visual_encoder.blocks.{n}.attn.qkv.", "vision.encoder.layers.{n}.self_attn.qkv."),
+    ("blip.visual_encoder.blocks.{n}.attn.proj.", "vision.encoder.layers.{n}.self_attn.projection."),
+    ("blip.visual_encoder.blocks.{n}.norm2.", "vision.encoder.layers.{n}.layer_norm2."),
+    ("blip.visual_encoder.blocks.{n}.mlp.", "vision.encoder.layers.{n}.mlp."),
+    ("blip.visual_encoder.norm.", "vision.post_layernorm."),
+    ("blip.text_encoder.", "text."),
+    ("mlp.layers.", "head.layers."),
+)
+
+_IMAGEREWARD_HINT = (
+    "HINT: rewards[*].path must be ImageReward-v1.0's ImageReward.pt (HF THUDM/ImageReward) or a .safetensors "
+    "copy of it with the same keys; for a differently sized model set rewards[*].options.arch."
+)
 
 
 class ImageRewardScore(nn.Module):
-    """Differentiable ImageReward: BLIP image encoder, text encoder cross-attending to it, MLP, normalised."""
+    """ImageReward: BLIP ViT image tokens, BERT text encoder cross-attending to them, MLP on the CLS token,
+    normalised by the training statistics; differentiable w.r.t. the image."""
 
-    def __init__(self, model):
+    def __init__(self, vision, text, head: AestheticHead, tokenizer):
         super().__init__()
-        self.model = model
+        self.vision, self.text, self.head, self.tokenizer = vision, text, head, tokenizer
+        self.size = int(vision.config.image_size)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The ViT's last hidden state after its final LayerNorm, as blip.visual_encoder returns it."""
+        pixels = clip_preprocess(images, self.size).to(self.vision.dtype)
+        return self.vision(pixel_values=pixels).last_hidden_state
+
+    def text_features(self, image_tokens: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The CLS output of the text encoder. ImageReward keeps [CLS] first (it does not swap in [ENC] as
+        BLIP's matching head does) and attends to every image token (its encoder mask is all ones)."""
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_TOKENS, return_tensors="pt"
+        )
+        output = self.text(
+            input_ids=tokens.input_ids.to(image_tokens.device),
+            attention_mask=tokens.attention_mask.to(image_tokens.device),
+            encoder_hidden_states=image_tokens,
+        )
+        return output.last_hidden_state[:, 0, :]
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        blip = self.model.blip
-        tokens = blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-        tokens = tokens.to(images.device)
-        pixels = clip_preprocess(images, 224).to(next(blip.parameters()).dtype)
-        image_embeds = blip.visual_encoder(pixels)
-        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=images.device)
-        text = blip.text_encoder(
-            tokens.input_ids,
-            attention_mask=tokens.attention_mask,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=mask,
-            return_dict=True,
+        features = self.text_features(self.image_tokens(images), prompts)
+        reward = self.head(features.float()).squeeze(-1)
+        return (reward - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
+def rename_imagereward_key(key: str, renames=IMAGEREWARD_RENAMES) -> str | None:
+    """`key` of ImageReward.pt as an ImageRewardScore state-dict key (None when no rule knows it). Pass the
+    rules swapped, ``[(ours, theirs) for theirs, ours in IMAGEREWARD_RENAMES]``, to map back."""
+    for source, target in renames:
+        pattern = re.escape(source).replace(re.escape("{n}"), r"(?P<n>\d+)")
+        match = re.match(pattern, key)
+        if match:
+            return target.format(**match.groupdict()) + key[match.end() :]
+    return None
+
+
+def imagereward_state(original: dict, expected: dict, path: str) -> dict:
+    """ImageReward.pt's tensors under ImageRewardScore's names; any key or shape that does not fit is an error."""
+    renamed = {rename_imagereward_key(k): v for k, v in original.items() if k not in IMAGEREWARD_IGNORED}
+    unexpected = [k for k in original if k not in IMAGEREWARD_IGNORED and rename_imagereward_key(k) not in expected]
+    back = [(ours, theirs) for theirs, ours in IMAGEREWARD_RENAMES]
+    missing = [rename_imagereward_key(k, back) for k in expected if k not in renamed]
+    if unexpected or missing:
+        raise ValueError(
+            f"HyperAlign: ImageReward checkpoint {path!r} does not fit the ImageReward architecture: unknown keys "
+            f"{unexpected[:8]}, missing keys {missing[:8]}. {_IMAGEREWARD_HINT}"
         )
-        reward = self.model.mlp(text.last_hidden_state[:, 0, :]).float().squeeze(-1)
-        return (reward - self.model.mean) / self.model.std
+    wrong = [
+        f"{theirs} {tuple(original[theirs].shape)} (model {tuple(expected[ours].shape)})"
+        for theirs, ours in ((k, rename_imagereward_key(k)) for k in original if k not in IMAGEREWARD_IGNORED)
+        if original[theirs].shape != expected[ours].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"HyperAlign: ImageReward checkpoint {path!r} has tensors of other sizes: {wrong[:8]}. {_IMAGEREWARD_HINT}"
+        )
+    return renamed
+
+
+def _imagereward_arch(options: dict) -> dict:
+    """IMAGEREWARD_ARCH with options.arch's overrides; unknown keys are refused, not ignored."""
+    arch = options.get("arch") or {}
+    if not isinstance(arch, dict) or not set(arch) <= set(IMAGEREWARD_ARCH):
+        raise ValueError(
+            f"HyperAlign: rewards[*].options.arch of 'imagereward' must be a mapping with 'vision' and/or 'text', "
+            f"got {arch!r}. HINT: e.g. arch: {{vision: {{num_hidden_layers: 24}}}}."
+        )
+    merged = {}
+    for part, defaults in IMAGEREWARD_ARCH.items():
+        overrides = arch.get(part) or {}
+        unknown = sorted(set(overrides) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"HyperAlign: rewards[*].options.arch.{part} has unknown keys {unknown}. HINT: use {sorted(defaults)}."
+            )
+        merged[part] = {**defaults, **overrides}
+    return merged
+
+
+def _imagereward_towers(arch: dict, tokenizer):
+    """BlipVisionModel and BlipTextModel configured as ImageReward's timm ViT and med.py BERT."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    # timm's ViT: LayerNorm eps 1e-6, exact (erf) GELU, qkv bias, learned positions; BlipVisionModel has all four.
+    vision_config = BlipVisionConfig(**arch["vision"], layer_norm_eps=1e-6, hidden_act="gelu")
+    # med.py's BERT: eps 1e-12, exact GELU, learned absolute positions, no token types, keys/values of the
+    # cross-attention read the ViT width. is_decoder=True only builds the cross-attention layers; forward
+    # runs with is_decoder=False, the bidirectional encoder mode ImageReward uses.
+    text_config = BlipTextConfig(
+        **arch["text"],
+        encoder_hidden_size=arch["vision"]["hidden_size"],
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        is_decoder=True,
+        # unused by the encoder; taken from the tokenizer so they are valid ids for any vocabulary
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )
+    with _skip_init():  # every parameter is overwritten by the checkpoint
+        return BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False)
+
+
+def _skip_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: random init, only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _imagereward_tokenizer(source: str, vocab_size: int):
+    """bert-base-uncased with BLIP's init_tokenizer additions: [DEC] as bos and [ENC] as an extra special token."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(source, local_files_only=offline())
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    if len(tokenizer) != vocab_size:
+        raise ValueError(
+            f"HyperAlign: the ImageReward tokenizer {source!r} has {len(tokenizer)} tokens with [DEC] and [ENC], "
+            f"but the text encoder has {vocab_size}. HINT: set rewards[*].options.tokenizer to bert-base-uncased "
+            f"(a local copy or the Hub id)."
+        )
+    return tokenizer
 
 
 def load_imagereward(spec: RewardSpec, device, dtype) -> nn.Module:
-    try:
-        import ImageReward as image_reward
-    except ImportError:
-        raise ImportError(
-            "HyperAlign: the 'imagereward' reward needs the optional image-reward package, which is not installed. "
-            "HINT: pip install image-reward (it pins timm==0.6.13 and fairscale; a separate environment is safest)."
-        ) from None
-    name = spec.path or "ImageReward-v1.0"
-    model = image_reward.load(
-        name, device=device, download_root=spec.options.get("download_root"), med_config=spec.options.get("med_config")
-    )
-    return ImageRewardScore(model.to(device, dtype))
+    path = reward_file(spec)
+    arch = _imagereward_arch(spec.options)
+    tokenizer = _imagereward_tokenizer(spec.options.get("tokenizer", "bert-base-uncased"), arch["text"]["vocab_size"])
+    vision, text = _imagereward_towers(arch, tokenizer)
+    head = AestheticHead(arch["text"]["hidden_size"])  # ImageReward's MLP is the LAION one on the BERT width
+    model = ImageRewardScore(vision, text, head, tokenizer)
+    state = imagereward_state(_read_state(path, "ImageReward checkpoint"), model.state_dict(), path)
+    model.load_state_dict(state, strict=True)
+    model.vision.to(device, dtype)
+    model.text.to(device, dtype)
+    model.head.to(device, torch.float32)  # tiny; fp32 keeps the normalised score precise
+    return model

@@ -6,7 +6,7 @@ higher is better, differentiable w.r.t. the images, with frozen parameters. Modu
 encoder may also define ``embed(images) -> (b, d)``, which ``training.evaluate`` uses for diversity.
 
 The registry maps a name to ``"module:function"`` and imports it only when the reward is used, so
-open_clip, transformers or image-reward load only for the rewards a run asks for.
+open_clip or transformers load only for the rewards a run asks for.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ REWARDS: dict[str, str] = {
 }
 
 # Rewards that cannot load without a checkpoint file in `path`.
-NEEDS_FILE = {"hps": "the HPS checkpoint (HPS_v2.1_compressed.pt)", "aesthetic": "the aesthetic MLP head file"}
+NEEDS_FILE = {
+    "hps": "the HPS checkpoint (HPS_v2.1_compressed.pt)",
+    "aesthetic": "the aesthetic MLP head file",
+    "imagereward": "the ImageReward checkpoint (ImageReward.pt from HF THUDM/ImageReward)",
+}
 
 # OpenAI CLIP normalisation, shared by every CLIP-family reward.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
