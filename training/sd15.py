@@ -93,7 +93,9 @@ class SD15Family(Family):
 
     def encode_prompts(self, prompts: list[str], uncond: bool = True) -> Cond:
         context = self._embed(prompts)
-        tensors = {"uncond": self._embed([""] * len(prompts))} if uncond else {}
+        # one negative row, repeated, as ComfyUI does: encoding "" per prompt is wasted work, and batched attention
+        # kernels may differ in the last bit between identical rows
+        tensors = {"uncond": self._embed([""]).repeat(len(prompts), 1, 1)} if uncond else {}
         return Cond(list(prompts), context, tensors)
 
     # time ----------------------------------------------------------------------------------------
