@@ -27,7 +27,7 @@ def _extra(p) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv, __doc__, _extra)
+    cfg, args = parse(argv, __doc__, _extra, prog="python -m training.cache_latents")
     from .data import cache_expectation, load_image, read_preferences, shard_name
     from .engine import make_accelerator, setup_logging
     from .models import DTYPES, encode_images, load_vae

@@ -141,7 +141,7 @@ def markdown(results: dict) -> str:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv, __doc__, _extra)
+    cfg, args = parse(argv, __doc__, _extra, prog="python -m training.evaluate")
     from hyperalign.io import load_predictor
 
     from .config import check_files

@@ -51,7 +51,7 @@ def base_x0_curves(
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv, __doc__, _extra)
+    cfg, args = parse(argv, __doc__, _extra, prog="python -m training.keysteps")
     from .data import read_preferences, read_prompts
     from .engine import make_accelerator, setup_logging
     from .models import load_family

@@ -28,9 +28,9 @@ import sys
 from .config import check_files, load_config
 
 
-def parser(description: str = __doc__) -> argparse.ArgumentParser:
+def parser(description: str = __doc__, prog: str = "python -m training.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m training.train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", help="YAML preset, e.g. training/configs/sd15.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value (Python literals)")
@@ -39,12 +39,15 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None, description: str = __doc__, extra=None):
-    """Config + the parsed arguments. `--key.sub=value` is accepted as an override too."""
-    p = parser(description)
+def parse(argv: list[str] | None, description: str = __doc__, extra=None, prog: str = "python -m training.train"):
+    """Config + the parsed arguments. `--key.sub=value` is accepted as an override too.
+
+    Options and overrides may come in any order (`--config a.yaml x=1 --predictor p.safetensors y=2`).
+    """
+    p = parser(description, prog)
     if extra:
         extra(p)
-    args, unknown = p.parse_known_args(argv)
+    args, unknown = p.parse_known_intermixed_args(argv)
     stray = [u for u in unknown if not (u.startswith("--") and "=" in u)]
     if stray:
         p.error(f"unrecognised arguments: {' '.join(stray)}")

@@ -158,3 +158,20 @@ def test_offline_hub_id_not_in_cache_is_refused(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         config_mod.check_model_source("someone/not-cached-model", "model.path", "model_index.json")
+
+
+def test_options_and_overrides_may_interleave():
+    from training.evaluate import _extra
+    from training.train import parse
+
+    argv = ["--config", PRESETS[0], "optim.lr=0.5", "--predictor", "p.safetensors", "optim.max_steps=7", "--check"]
+    cfg, args = parse(argv, extra=_extra, prog="python -m training.evaluate")
+    assert (cfg.optim.lr, cfg.optim.max_steps, args.predictor, args.check) == (0.5, 7, "p.safetensors", True)
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "keysteps", "cache_latents"])
+def test_each_tool_names_itself_in_its_usage(tool, capsys):
+    module = __import__(f"training.{tool}", fromlist=["main"])
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m training.{tool} ")
