@@ -13,7 +13,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import atomic_path
 from .config import HypernetConfig, PredictorMeta
 from .hypernet import HyperNet
 from .targets import Target, TargetTable, arch_to_dict, build_table, targets_sha256
@@ -240,18 +240,7 @@ def save_predictor(path, predictor: Predictor, dtype: torch.dtype | None = None)
         )
     predictor.meta.package_version = predictor.meta.package_version or __version__
     metadata = {"format": "pt", META_KEY: json.dumps(predictor.meta.to_dict(), sort_keys=True)}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hyperalign-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors.tmp") as tmp:
         save_file(state, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
         _read_and_check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return str(path)

@@ -10,12 +10,13 @@ Only the VAE is loaded. Under ``accelerate launch``/``torchrun`` the shards are 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
 from safetensors.torch import save_file
+
+from hyperalign.atomic import atomic_path, write_json
 
 from .train import cli, parse
 
@@ -55,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                 [load_image(rows.image(i), cfg.model.resolution) for i in range(start, min(stop, start + args.batch))]
             )
             parts.append(encode_images(vae, images, accelerator.device).to(DTYPES[cfg.model.base_dtype]).cpu())
-        save_file({"latents": torch.cat(parts).contiguous()}, os.path.join(folder, shard_name(shard)))
+        with atomic_path(os.path.join(folder, shard_name(shard)), suffix=".safetensors.tmp") as tmp:
+            save_file({"latents": torch.cat(parts).contiguous()}, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         meta = dict(cache_expectation(cfg, rows), shard_size=args.shard_size)
-        with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=2)
+        write_json(os.path.join(folder, "meta.json"), meta)
         print(f"cached {len(rows)} latents in {folder}")
     return 0
 

@@ -142,6 +142,7 @@ def markdown(results: dict) -> str:
 @cli
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse(argv, __doc__, _extra, prog="python -m training.evaluate")
+    from hyperalign.atomic import write_json, write_text
     from hyperalign.io import load_predictor
 
     from .config import check_files
@@ -209,12 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             },
             "results": results,
         }
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
         table = markdown(results)
-        with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as handle:
-            handle.write(table)
+        write_json(os.path.join(out_dir, "results.json"), report)
+        write_text(os.path.join(out_dir, "results.md"), table)
         print(table)
     family.detach()
     return 0

@@ -13,12 +13,11 @@ and the exported predictor pick them up. Runs on the main process; extra process
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import sys
 
 import torch
 
+from hyperalign.atomic import write_json
 from hyperalign.schedule import discover_keysteps
 
 from .train import cli, parse
@@ -84,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "progress": schedule.progress,
             **detail,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(out, result)  # train and export read it: never half-written
         print(f"keysteps {keysteps} -> {out}")
     accelerator.wait_for_everyone()
     return 0

@@ -25,6 +25,8 @@ import json
 import os
 import sys
 
+from hyperalign.atomic import write_json
+
 from .config import check_files, load_config
 
 
@@ -86,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator, cfg.run_dir)
     if accelerator.is_main_process:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(cfg.to_dict(), handle, indent=2)
+        write_json(os.path.join(cfg.run_dir, "config.json"), cfg.to_dict())
     trainer = build(cfg, accelerator)
     if cfg.run.report_to != "none":
         accelerator.init_trackers(cfg.run.name, config=flat_config(cfg))

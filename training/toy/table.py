@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hyperalign.atomic import atomic_path, write_json, write_text
+
 from .. import evaluate, keysteps, train
 from . import ASSETS
 
@@ -99,7 +101,8 @@ def train_static(argv: list[str]) -> int:
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous().cpu() for k, v in static.state_dict().items()}
-        save_file(state, os.path.join(cfg.run_dir, "static_lora.safetensors"), {"targets": json.dumps(static.ids)})
+        with atomic_path(os.path.join(cfg.run_dir, "static_lora.safetensors"), ".safetensors.tmp") as tmp:
+            save_file(state, tmp, {"targets": json.dumps(static.ids)})
     finally:
         accelerator.end_training()
         tr.family.detach()
@@ -283,14 +286,6 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
     )
 
 
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.toy.table", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/toy-results.md", help="Markdown table (JSON next to it)")
@@ -331,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m training.toy.table " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(results, protocol, seconds, command.strip())
     numbers = {"protocol": protocol, "training_seconds": seconds, "results": results}
-    _write_atomic(os.path.splitext(args.out)[0] + ".json", json.dumps(numbers, indent=2) + "\n")
-    _write_atomic(args.out, text)
+    write_json(os.path.splitext(args.out)[0] + ".json", numbers)
+    write_text(args.out, text)
     print("\n" + text)
     return 0
 
