@@ -11,6 +11,8 @@
 #   COMFYUI_PATH=/path/to/ComfyUI   test against this ComfyUI checkout instead of installing the host
 #   WITH_BROWSER=1                  also install Debian chromium (for the browser test)
 #   PYTHON=python3.11               interpreter used to create .venv (default python3)
+#   HYPERALIGN_UNPINNED=1           ignore scripts/constraints.txt (the versions CI was last green with) and
+#                                   take the newest releases; see that file for how to move the pins
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,11 +47,17 @@ else
     USE_HOST=1
 fi
 
+# The pins hold for our own test host only: another ComfyUI checkout brings requirements of its own.
+PINS=()
+if [[ "$USE_HOST" == 1 && "${HYPERALIGN_UNPINNED:-0}" != 1 ]]; then
+    PINS=(-c "$ROOT/scripts/constraints.txt")
+fi
+
 # Anything that changes what gets installed goes into the stamp.
 stamp_key() {
     {
-        sha256sum pyproject.toml scripts/setup_env.sh | cut -d' ' -f1
-        echo "${TORCH_SPEC[*]} $HORDE_SPEC use_host=$USE_HOST comfy=$COMFY_DIR"
+        sha256sum pyproject.toml scripts/setup_env.sh scripts/constraints.txt | cut -d' ' -f1
+        echo "${TORCH_SPEC[*]} $HORDE_SPEC use_host=$USE_HOST comfy=$COMFY_DIR pins=${#PINS[@]}"
         if [[ -f "$COMFY_DIR/requirements.txt" ]]; then sha256sum "$COMFY_DIR/requirements.txt" | cut -d' ' -f1; fi
     } | sha256sum | cut -d' ' -f1
 }
@@ -94,8 +102,8 @@ else
             > "$ROOT/.comfyui/host-requirements.txt"
         host_reqs=(-r "$ROOT/.comfyui/host-requirements.txt")
     fi
-    log "installing the pack (editable) with [train,test] and the ComfyUI host requirements"
-    pip_install -e ".[train,test]" "${host_reqs[@]}" requests
+    log "installing the pack (editable) with [train,test] and the ComfyUI host requirements${PINS:+ (pinned: scripts/constraints.txt)}"
+    pip_install -e ".[train,test]" "${host_reqs[@]}" requests "${PINS[@]}"
 
     "$PY" -c "import torch, torchvision" || {
         echo "[setup_env] torch no longer imports after installing dependencies" >&2
