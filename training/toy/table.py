@@ -10,9 +10,12 @@ seeds, sampler (DDIM), steps and CFG scale as ``training/configs/toy.yaml``:
 - HyperAlign S trained on the reward only (lambda = 0), and on the preference term only;
 - HyperAlign I, P and S, each trained in its own mode.
 
-Columns: each reward, the training reward (their weighted sum), diversity (mean pairwise cosine
-distance of toy_clip image embeddings across seeds) and seconds per image on this machine. The
-Markdown goes to --out, the numbers next to it as JSON; trained predictors stay in --work.
+Two prompt sets, each a seeded random sample: held-out prompts (colour-shape pairs the base model and
+the predictor never saw: compositional generalisation) and training prompts (the distribution the
+predictor was trained on, sampled with the evaluation seeds). Columns: each reward, the training
+reward (their weighted sum), diversity (mean pairwise cosine distance of toy_clip image embeddings
+across seeds) and seconds per image on this machine. The Markdown goes to --out, the numbers next to
+it as JSON; trained predictors stay in --work.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -35,6 +39,10 @@ from . import ASSETS
 
 CONFIG = "training/configs/toy.yaml"
 BEST_OF = 20
+SPLITS = {  # table heading -> where its prompts come from
+    "held-out prompts (unseen colour-shape pairs)": "eval",
+    "training prompts": "train",
+}
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,14 @@ def best_of_n_prompt(ctx, scorer: Scorer, prompt: str, n: int) -> dict:
     return {"scores": scores, "seconds": seconds, "diversity": diversity(embedding), "calls": 0}
 
 
+def prompt_set(cfg, source: str, count: int) -> list[str]:
+    """A seeded random sample of eval.prompts ("eval") or data.prompts ("train"): the files are sorted by attribute."""
+    from ..data import read_prompts
+
+    prompts = read_prompts(cfg.eval.prompts if source == "eval" else cfg.data.prompts)
+    return random.Random(cfg.run.seed).sample(prompts, min(count, len(prompts)))
+
+
 def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dict]:
     from hyperalign.io import load_predictor
 
@@ -250,7 +266,7 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
 # ------------------------------------------------------------------------------------------- report
 
 
-def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
+def _table(results: dict) -> list[str]:
     names = list(next(iter(results.values()))["metrics"])
     head = "| variant | " + " | ".join(names) + " | diversity | s/image | hypernet calls/image |"
     lines = [head, "|" + "---|" * (len(names) + 4)]
@@ -258,6 +274,14 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
         cells = [f"{row['metrics'][n]['mean']:.4f} ± {row['metrics'][n]['std']:.4f}" for n in names]
         cells += [f"{row['diversity']:.4f}", f"{row['seconds_per_image']:.4f}", f"{row['hypernet_calls_per_image']:g}"]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
+    """`results`: split heading -> variant -> row."""
+    lines = []
+    for split, rows in results.items():
+        lines += [f"### {split[0].upper()}{split[1:]}", "", *_table(rows), ""]
     train_lines = [f"| {name} | {value:.0f} |" for name, value in seconds.items()]
     return "\n".join(
         [
@@ -265,7 +289,8 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             "",
             f"Made by `{command}` (training/toy/table.py; {protocol['total_minutes']:.0f} min in all).",
             "",
-            f"Held-out prompts: {protocol['prompts']} (attribute combinations never seen in training), "
+            f"Prompts: {protocol['prompts']} per set, a seeded random sample of each set "
+            "(held-out: colour-shape pairs never seen in training; training: the prompts the predictor trained on), "
             f"seeds {protocol['seeds']} per prompt; DDIM {protocol['num_steps']} steps, CFG {protocol['guidance']}. "
             f"Every trained variant: {protocol['max_steps']} optimizer steps of batch {protocol['batch_size']}, "
             f"lr {protocol['lr']}, λ = {protocol['pref_weight']} unless stated. Scores are mean ± std over all "
@@ -275,7 +300,6 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             f"Machine: {protocol['machine']}.",
             "",
             *lines,
-            "",
             "Training wall time (seconds, this machine):",
             "",
             "| run | seconds |",
@@ -290,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.toy.table", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/toy-results.md", help="Markdown table (JSON next to it)")
     p.add_argument("--work", default="outputs/table", help="folder for the trained variants")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts (default 16)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per set, held-out and training (default 16)")
     p.add_argument("--best-of", type=int, default=BEST_OF)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see training/toy/demo.py)")
     p.add_argument("--skip-training", action="store_true", help="evaluate the variants already in --work")
@@ -304,13 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"HyperAlign: the toy world is not built in {ASSETS}. HINT: run python -m training.toy.build.")
     seconds = {} if args.skip_training else train_all(common, work)
     cfg, _ = train.parse(common)
-    from ..data import read_prompts
-
-    prompts = read_prompts(cfg.eval.prompts)
-    prompts = prompts[:: max(len(prompts) // args.prompts, 1)][: args.prompts]
-    results = evaluate_all(cfg, work, prompts, args.best_of)
+    results = {}
+    for split, source in SPLITS.items():
+        print(f"\n== {split}", flush=True)
+        results[split] = evaluate_all(cfg, work, prompt_set(cfg, source, args.prompts), args.best_of)
     protocol = {
-        "prompts": len(prompts),
+        "prompts": args.prompts,
         "seeds": list(cfg.eval.seeds),
         "num_steps": cfg.sampling.num_steps,
         "guidance": cfg.sampling.guidance,
