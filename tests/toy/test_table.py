@@ -25,6 +25,9 @@ def test_table_trains_every_variant_and_scores_both_prompt_sets(tmp_path):
         assert rows["HyperAlign S"]["hypernet_calls_per_image"] == 10
         assert rows["HyperAlign I"]["hypernet_calls_per_image"] == 1
         assert {"toy_clip", "toy_aesthetic", "reward"} <= set(rows["base"]["metrics"])
+        assert rows["base"]["vs_base"]["reward"] == {"mean": 0.0, "se": 0.0}  # paired with itself
+        mean_gap = rows["HyperAlign I"]["metrics"]["reward"]["mean"] - rows["base"]["metrics"]["reward"]["mean"]
+        assert rows["HyperAlign I"]["vs_base"]["reward"]["mean"] == pytest.approx(mean_gap, abs=1e-5)
     text = out.read_text()
     assert all(f"### {split[0].upper()}{split[1:]}" in text for split in table.SPLITS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "work"]  # nothing half-written

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -174,6 +175,22 @@ def _row(records: list[dict]) -> dict:
     }
 
 
+def _paired(records: list[dict], base: list[dict]) -> dict:
+    """Per metric: the difference from base, paired by prompt (same prompts, same seeds); mean and standard error.
+
+    Prompts differ far more than a predictor moves them, so unpaired means over a few dozen prompts swing by more
+    than the effect; the paired difference and its standard error say what the effect is and how sure it is.
+    """
+    paired = {}
+    for name in records[0]["scores"]:
+        diffs = [
+            statistics.fmean(r["scores"][name]) - statistics.fmean(b["scores"][name]) for r, b in zip(records, base)
+        ]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+        paired[name] = {"mean": statistics.fmean(diffs), "se": se}
+    return paired
+
+
 def _with_reward(record: dict, weights: dict[str, float]) -> dict:
     scores = record["scores"]
     count = len(next(iter(scores.values())))
@@ -238,14 +255,20 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
         "save_images": False,
     }
 
+    base: list[dict] = []
+
+    def row(records: list[dict]) -> dict:
+        return dict(_row(records), vs_base=_paired(records, base or records))
+
     def run_variant(hypernet, mode: str, keys=(0.0,)) -> dict:
         ctx.update(hypernet=hypernet, variants=[mode], keysteps=keys)
-        records = [_with_reward(evaluate.evaluate_prompt(ctx, p)[mode], scorer.weights) for p in prompts]
-        return _row(records)
+        return row([_with_reward(evaluate.evaluate_prompt(ctx, p)[mode], scorer.weights) for p in prompts])
 
-    results = {"base": run_variant(None, "base")}
+    ctx.update(hypernet=None, variants=["base"], keysteps=(0.0,))
+    base.extend(_with_reward(evaluate.evaluate_prompt(ctx, p)["base"], scorer.weights) for p in prompts)
+    results = {"base": row(base)}
     print(f"== Best-of-{best}", flush=True)
-    results[f"Best-of-{best}"] = _row([best_of_n_prompt(ctx, scorer, p, best) for p in prompts])
+    results[f"Best-of-{best}"] = row([best_of_n_prompt(ctx, scorer, p, best) for p in prompts])
     for variant in TRAINED:
         print(f"== evaluating {variant.name}", flush=True)
         if variant.static:
@@ -266,12 +289,20 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
 # ------------------------------------------------------------------------------------------- report
 
 
+def _cell(row: dict, name: str, is_base: bool) -> str:
+    mean = f"{row['metrics'][name]['mean']:.2f}"
+    if is_base:
+        return mean
+    delta = row["vs_base"][name]
+    return f"{mean} ({delta['mean']:+.2f} ± {delta['se']:.2f})"
+
+
 def _table(results: dict) -> list[str]:
     names = list(next(iter(results.values()))["metrics"])
     head = "| variant | " + " | ".join(names) + " | diversity | s/image | hypernet calls/image |"
     lines = [head, "|" + "---|" * (len(names) + 4)]
     for variant, row in results.items():
-        cells = [f"{row['metrics'][n]['mean']:.4f} ± {row['metrics'][n]['std']:.4f}" for n in names]
+        cells = [_cell(row, n, variant == "base") for n in names]
         cells += [f"{row['diversity']:.4f}", f"{row['seconds_per_image']:.4f}", f"{row['hypernet_calls_per_image']:g}"]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
@@ -293,8 +324,9 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             "(held-out: colour-shape pairs never seen in training; training: the prompts the predictor trained on), "
             f"seeds {protocol['seeds']} per prompt; DDIM {protocol['num_steps']} steps, CFG {protocol['guidance']}. "
             f"Every trained variant: {protocol['max_steps']} optimizer steps of batch {protocol['batch_size']}, "
-            f"lr {protocol['lr']}, λ = {protocol['pref_weight']} unless stated. Scores are mean ± std over all "
-            "images; `reward` is the training reward "
+            f"lr {protocol['lr']}, λ = {protocol['pref_weight']} unless stated. Scores are means over all images, "
+            "with (in brackets) the difference from base paired by prompt ± its standard error over prompts; "
+            "`reward` is the training reward "
             f"({' + '.join(f'{w:g}·{n}' for n, w in protocol['reward_weights'].items())}). "
             "Diversity is the mean pairwise cosine distance of toy_clip image embeddings across a prompt's seeds. "
             f"Machine: {protocol['machine']}.",
