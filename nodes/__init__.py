@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .schema import FOLDER
 

@@ -14,7 +14,7 @@ import tempfile
 
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 from safetensors.torch import save_file
 
 from .. import hyperalign

@@ -6,7 +6,7 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..hyperalign.io import load_predictor
 from .comfy_patch import LoadedPredictor

@@ -1,6 +1,6 @@
 """Names shared by the HyperAlign nodes."""
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 CATEGORY = "HyperAlign"
 FOLDER = "hyperalign"  # models/hyperalign
