@@ -10,8 +10,9 @@ from .config import FORMAT_VERSION, HypernetConfig, PredictorMeta  # noqa: E402
 from .hypernet import HyperNet, feature_tokens  # noqa: E402
 from .io import Predictor, load_predictor, new_predictor, read_meta, save_predictor  # noqa: E402
 from .lora import Factors, LoRAState, hooked, lora_delta, resolve_modules, rows_to_samples  # noqa: E402
+from .rows import bind_rows  # noqa: E402
 from .runtime import AlignRun  # noqa: E402
-from .schedule import MODES, discover_keysteps, format_keysteps, parse_keysteps, plan  # noqa: E402
+from .schedule import MODES, discover_keysteps, format_keysteps, parse_keysteps, progress_of_timestep  # noqa: E402
 from .targets import FLUX, SD15, Target, build_table, targets_sha256  # noqa: E402
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Predictor",
     "PredictorMeta",
     "Target",
+    "bind_rows",
     "build_table",
     "discover_keysteps",
     "feature_tokens",
@@ -36,7 +38,7 @@ __all__ = [
     "lora_delta",
     "new_predictor",
     "parse_keysteps",
-    "plan",
+    "progress_of_timestep",
     "read_meta",
     "resolve_modules",
     "rows_to_samples",

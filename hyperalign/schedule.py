@@ -11,6 +11,9 @@ any sampler, and in split (KSamplerAdvanced) or partial-denoise runs.
 - P: a new LoRA when the run enters a new keystep segment; keysteps are increasing fractions in
   [0, 1), the first one 0. A run that starts inside a segment (split run, denoise < 1) predicts at
   its first step.
+
+The rule itself is coded once, in :meth:`hyperalign.runtime.AlignRun.needs_prediction`, which both
+hosts run; this module holds what it reads (keysteps, segments, steps, progress).
 """
 
 from __future__ import annotations
@@ -70,21 +73,13 @@ def segment_of(progress: float, keysteps: Sequence[float]) -> int:
     return segment
 
 
-def plan(mode: str, keysteps: Sequence[float], progress: Sequence[float]) -> list[bool]:
-    """For each step of a run (its progress at the step's start), whether the hypernet runs there."""
-    if mode not in MODES:
-        raise ValueError(f"HyperAlign: unknown mode {mode!r}; expected one of {MODES}.")
-    decisions, last_segment = [], None
-    for index, p in enumerate(progress):
-        if mode == "S":
-            decisions.append(True)
-        elif mode == "I":
-            decisions.append(index == 0)
-        else:
-            segment = segment_of(p, keysteps)
-            decisions.append(segment != last_segment)
-            last_segment = segment
-    return decisions
+def progress_of_timestep(timestep, num_train_timesteps: int | None):
+    """Progress (0 = pure noise, 1 = clean) of a model's own time: ``1 - t / (T - 1)`` for discrete DDPM
+    timesteps t in [0, T - 1] (SD1.5: T = 1000), ``1 - t`` for a continuous time in [0, 1] (FLUX: t = sigma,
+    `num_train_timesteps` None). Floats and tensors alike; both hosts call this one formula."""
+    if num_train_timesteps is None:
+        return 1.0 - timestep
+    return 1.0 - timestep / (num_train_timesteps - 1)
 
 
 def locate_step(sample_sigmas: torch.Tensor, sigma: float, previous: int | None) -> int:

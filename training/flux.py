@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from hyperalign.hypernet import feature_tokens
+from hyperalign.schedule import progress_of_timestep
 from hyperalign.targets import FLUX, DiTArch
 
 from .models import Cond, Family, Schedule, load_diffusers, load_transformers
@@ -120,7 +121,7 @@ class FluxFamily(Family):
         return Schedule(t=t, progress=[self.progress(s) for s in t], sigmas=sigmas)
 
     def progress(self, sigma: float) -> float:
-        return 1.0 - float(sigma)
+        return progress_of_timestep(float(sigma), None)
 
     def timesteps(self, value: float, batch: int) -> torch.Tensor:
         return torch.full((batch,), float(value), device=self.device)
@@ -183,4 +184,4 @@ class FluxFamily(Family):
         sigma = torch.tensor(self._shifted(u.clamp(1e-3, 1.0).tolist())[:-1], device=self.device)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
-        return x_t, sigma, 1.0 - sigma, noise - x0
+        return x_t, sigma, progress_of_timestep(sigma, None), noise - x0

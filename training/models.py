@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hyperalign.lora import LoRAState, hooked, resolve_modules, rows_to_samples
+from hyperalign.lora import LoRAState, hooked, resolve_modules
+from hyperalign.rows import bind_rows
 from hyperalign.targets import Target
 
 from .config import ModelConfig
@@ -90,8 +91,7 @@ class Family:
         if factors is None:
             self.state.clear()
             return
-        index = None if rows == samples else rows_to_samples(rows, samples)
-        self.state.bind(factors, index, self.device)
+        bind_rows(self.state, factors, rows, samples, self.device)
 
     # shared helpers -----------------------------------------------------------------------------
     def frozen(self) -> list[nn.Module]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from hyperalign.hypernet import feature_tokens
+from hyperalign.schedule import progress_of_timestep
 from hyperalign.targets import SD15, UNetArch
 
 from .models import Cond, Family, Schedule, load_diffusers, load_transformers
@@ -105,7 +106,7 @@ class SD15Family(Family):
         return Schedule(t=t, progress=[self.progress(v) for v in t], scheduler=scheduler)
 
     def progress(self, timestep: float) -> float:
-        return 1.0 - float(timestep) / (self.num_train_timesteps - 1)
+        return progress_of_timestep(float(timestep), self.num_train_timesteps)
 
     def timesteps(self, value: float, batch: int) -> torch.Tensor:
         return torch.full((batch,), float(value), device=self.device)
@@ -162,5 +163,5 @@ class SD15Family(Family):
         t = (u * self.num_train_timesteps).floor().clamp(max=self.num_train_timesteps - 1).to(self.device)
         alpha = self._alpha(t)
         x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
-        progress = 1.0 - t / (self.num_train_timesteps - 1)
+        progress = progress_of_timestep(t, self.num_train_timesteps)
         return x_t, t, progress, noise

@@ -1,4 +1,4 @@
-"""The frontend's schedule logic (web/js/lib/schedule.js) against hyperalign.schedule.
+"""The frontend's schedule logic (web/js/lib/schedule.js) against hyperalign.schedule and AlignRun's S/I/P rule.
 
 The timeline on HyperAlignApply must mark exactly the steps the Python run will predict at, and
 accept or reject exactly the keysteps strings the node accepts. Both sides get the same cases; a
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperalign.schedule import MODES, format_keysteps, parse_keysteps, plan
+from hyperalign.runtime import AlignRun
+from hyperalign.schedule import MODES, format_keysteps, parse_keysteps
 
 REPO = Path(__file__).resolve().parents[2]
 LOGIC = REPO / "web" / "js" / "lib" / "schedule.js"
@@ -51,6 +52,15 @@ def _progress_lists(steps: int) -> list[list[float]]:
     # as SD1.5 "normal" measures it: i / (steps - 1) through integer timesteps
     measured = [1 - round(999 * (1 - i / max(steps - 1, 1))) / 999 for i in range(steps)]
     return [linear, denoised, measured]
+
+
+def _python_plan(mode: str, keysteps: list[float], progress: list[float]) -> list[bool]:
+    """Per step of a first-order run, whether the Python rule (AlignRun) runs the hypernet there."""
+    run = AlignRun(mode, keysteps)
+    for step, p in enumerate(progress):
+        run.factors_at(step, p, dict)
+    predicted = {call.step for call in run.calls}
+    return [step in predicted for step in range(len(progress))]
 
 
 def _python_string(text: str) -> dict:
@@ -95,6 +105,6 @@ def test_js_schedule_logic_matches_python():
     js = json.loads(result.stdout)
 
     for (mode, keysteps, progress), js_plan in zip(cases, js["plans"], strict=True):
-        assert js_plan == plan(mode, keysteps, progress), (mode, keysteps, progress)
+        assert js_plan == _python_plan(mode, keysteps, progress), (mode, keysteps, progress)
     for text, js_string in zip(STRINGS, js["strings"], strict=True):
         assert js_string == _python_string(text), text

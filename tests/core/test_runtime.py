@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from hyperalign import AlignRun
-from hyperalign.schedule import plan
 
 
 class CountingPredictor:
@@ -73,22 +72,6 @@ def test_factors_at(mode, keysteps, evaluations, expected):
     for (step, _), value in zip(evaluations, used):
         current = latest.get(step, current)
         assert value == current
-
-
-@pytest.mark.parametrize(
-    "mode, keysteps, steps",
-    [
-        ("S", (0.0,), 20),
-        ("I", (0.0,), 20),
-        ("P", (0.0, 0.25, 0.5, 0.75), 20),
-        ("P", (0.0, 0.3, 0.62), 50),
-    ],
-)
-def test_factors_at_agrees_with_plan_for_first_order_runs(mode, keysteps, steps):
-    evaluations = first_order(steps)
-    run_steps, _, _ = run_evaluations(AlignRun(mode, keysteps), evaluations)
-    decisions = plan(mode, keysteps, [p for _, p in evaluations])
-    assert run_steps == [i for i, d in enumerate(decisions) if d]
 
 
 def test_summary_counts_calls():

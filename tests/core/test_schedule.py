@@ -1,16 +1,18 @@
-"""S/I/P planning, keystep strings, step location and keystep discovery (hyperalign.schedule), as tables."""
+"""The S/I/P rule (AlignRun, over first-order runs), keystep strings, step location, progress and keystep
+discovery (hyperalign.schedule), as tables."""
 
 import math
 
 import pytest
 import torch
 
+from hyperalign.runtime import AlignRun
 from hyperalign.schedule import (
     discover_keysteps,
     format_keysteps,
     locate_step,
     parse_keysteps,
-    plan,
+    progress_of_timestep,
     segment_of,
     validate_keysteps,
 )
@@ -21,11 +23,15 @@ def uniform(steps, start=0.0, stop=1.0):
     return [start + (stop - start) * i / steps for i in range(steps)]
 
 
-def predicted_steps(decisions):
-    return [i for i, d in enumerate(decisions) if d]
+def predicted_steps(mode, keysteps, progress):
+    """The steps of a first-order run (one model evaluation per step, at `progress`) where the hypernet runs."""
+    run = AlignRun(mode, keysteps)
+    for step, p in enumerate(progress):
+        run.factors_at(step, p, dict)
+    return [call.step for call in run.calls]
 
 
-PLAN_TABLE = [
+RULE_TABLE = [
     # mode, keysteps, progress per step, steps where the hypernet runs
     ("S", (0.0,), [0.0], [0]),
     ("I", (0.0,), [0.0], [0]),
@@ -64,16 +70,31 @@ PLAN_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("mode, keysteps, progress, expected", PLAN_TABLE)
-def test_plan(mode, keysteps, progress, expected):
-    decisions = plan(mode, keysteps, progress)
-    assert len(decisions) == len(progress)
-    assert predicted_steps(decisions) == expected
+@pytest.mark.parametrize("mode, keysteps, progress, expected", RULE_TABLE)
+def test_the_rule_predicts_at(mode, keysteps, progress, expected):
+    assert predicted_steps(mode, keysteps, progress) == expected
 
 
-def test_plan_rejects_unknown_mode():
+def test_the_rule_rejects_unknown_mode():
     with pytest.raises(ValueError, match="HyperAlign: unknown mode 'X'"):
-        plan("X", (0.0,), [0.0])
+        AlignRun("X", (0.0,))
+
+
+@pytest.mark.parametrize(
+    "timestep, num_train_timesteps, progress",
+    [
+        (999, 1000, 0.0),
+        (0, 1000, 1.0),
+        (749, 1000, 250 / 999),
+        (499.5, 1000, 0.5),
+        (1.0, None, 0.0),
+        (0.25, None, 0.75),
+    ],
+)
+def test_progress_of_timestep(timestep, num_train_timesteps, progress):
+    assert progress_of_timestep(timestep, num_train_timesteps) == pytest.approx(progress, abs=1e-12)
+    as_tensor = progress_of_timestep(torch.tensor([float(timestep)], dtype=torch.float64), num_train_timesteps)
+    assert as_tensor.tolist() == pytest.approx([progress], abs=1e-12)
 
 
 @pytest.mark.parametrize(
