@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -32,3 +33,26 @@ def test_the_temporary_file_is_beside_the_destination(tmp_path):
         assert os.path.dirname(tmp) == str(tmp_path)  # same filesystem: the rename is atomic
         open(tmp, "wb").close()
     assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_new_file_gets_the_mode_open_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_text(tmp_path / "config.json", "{}\n")
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE(os.stat(tmp_path / "config.json").st_mode)
+    assert mode == 0o666 & ~umask
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+
+
+def test_an_overwritten_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "results.md"
+    write_text(path, "old\n")
+    os.chmod(path, 0o640)
+    write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
