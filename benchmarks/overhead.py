@@ -375,14 +375,12 @@ def code_version() -> str:
 
 
 def fusing_state(host, args) -> str:
-    comfy_patch = host.submodule("nodes.comfy_patch")
-    if not hasattr(comfy_patch, "FUSE"):
-        return "not implemented (hook path only)"
-    policy = {True: "always", False: "never"}.get(comfy_patch.FUSE, comfy_patch.FUSE)
+    fuse = host.submodule("nodes.fuse")
+    policy = {True: "always", False: "never"}.get(fuse.FUSE, fuse.FUSE)
     if policy == "never":
         return "off (--fuse never)"
     where = "on GPUs (auto)" if policy == "auto" else "always"
-    return f"{where}, at batch 1 in modes {', '.join(comfy_patch.FUSE_MODES)}"
+    return f"{where}, at batch 1 in modes {', '.join(fuse.FUSE_MODES)}"
 
 
 def main(argv=None) -> None:
@@ -396,13 +394,13 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     host = models.start_host(args.comfyui, want)
     install_ui_recorder()
-    comfy_patch = host.submodule("nodes.comfy_patch")
+    fuse = host.submodule("nodes.fuse")
     if args.no_fuse:
         args.fuse = "never"
     if args.fuse is not None:
-        comfy_patch.FUSE = args.fuse
+        fuse.FUSE = args.fuse
     if args.fuse_modes is not None:
-        comfy_patch.FUSE_MODES = tuple(args.fuse_modes)
+        fuse.FUSE_MODES = tuple(args.fuse_modes)
     rows, infos, benches = [], [], []
     for family in args.family:
         bench = FamilyBench(host, family, args, device, dtype)

@@ -7,14 +7,8 @@
 - APPLY_MODEL, once per model call (a call may hold the cond and the uncond chunk, or only one):
   the LoRA is in force for exactly the duration of the call, then gone, also when the call raises.
 
-How the LoRA gets into the model, prepared once per prediction (:class:`_Applied`) and reused by every
-model call until the next one:
-- Fused: when every row of a call shares one LoRA (one sample, modes in ``FUSE_MODES``), the ``FUSE`` policy
-  allows it (by default on GPUs, not on CPU) and the copies fit in free memory, the LoRA is merged into new
-  weight tensors that replace the target modules' weights during each call; the original tensors are never
-  written and are back in place after the call (``lora.swapped_weights``).
-- Hooked: otherwise, and for modules whose weights ComfyUI casts or patches per call (low-VRAM,
-  manual cast, fp8, weight functions), forward hooks add each sample's LoRA to that sample's rows.
+How the LoRA gets into the model (merged weights or forward hooks, prepared once per prediction): see
+:mod:`.fuse`.
 
 Steps come from the evaluation's sigma against the run's schedule (``locate_step``): a schedule sigma
 starts that step, a sigma between two (dpm_2's midpoint) belongs to the step in progress. Heun's
@@ -43,32 +37,15 @@ import comfy.supported_models
 import torch
 
 from ..hyperalign.io import Predictor
-from ..hyperalign.lora import (
-    Factors,
-    LoRAState,
-    fused_weights,
-    fusible_weight,
-    hooked,
-    resolve_modules,
-    rows_to_samples,
-    swapped_weights,
-)
+from ..hyperalign.lora import Factors, resolve_modules
 from ..hyperalign.runtime import AlignRun, HypernetCall
 from ..hyperalign.schedule import MODES, locate_step, validate_keysteps
 from ..hyperalign.targets import FLUX, SD15, DiTArch, UNetArch, arch_to_dict
-from . import encoders
+from . import encoders, fuse
 
 logger = logging.getLogger(__name__)
 
 KEY = "hyperalign"  # wrapper and additional-model key
-# Merge the LoRA into the weights when every row shares one: "auto" on GPUs and other accelerators (where each
-# hooked call pays launch and Python overhead per target, and a merge is a fast copy), not on CPU (where the side
-# paths cost 0.5 % of a step and a merge's 0.3 GB copy pays back only after 2 to 20 model calls); "always"/"never"
-# force it. docs/performance.md has the numbers. HYPERALIGN_FUSE sets it for a ComfyUI session.
-FUSE_CHOICES = ("auto", "always", "never")
-FUSE = os.environ.get("HYPERALIGN_FUSE", "auto")
-# S predicts at every step, so a merge would serve one model evaluation: the side paths cost less there
-FUSE_MODES = ("I", "P")
 FROM_FILE = "from_file"
 _EPS = 1e-6
 _FAMILY_LABEL = {SD15: "SD1.5", FLUX: "FLUX.1"}
@@ -228,83 +205,6 @@ def make_settings(
     return AlignSettings(chosen, tuple(steps), float(strength), float(start_percent), float(end_percent), node_id)
 
 
-def _fusible_on(device: torch.device):
-    """Modules whose weight can be swapped for a merged copy: a plain float Parameter already on the compute
-    device, used as is by the forward (ComfyUI's manual-cast and low-VRAM layers cast it, or patch it
-    through weight functions, on every call: those keep the hooks)."""
-
-    def fusible(module) -> bool:
-        return (
-            fusible_weight(module)
-            and module.weight.device == device
-            and not getattr(module, "comfy_cast_weights", False)
-            and not getattr(module, "weight_function", None)
-            and not getattr(module, "bias_function", None)
-        )
-
-    return fusible
-
-
-def fuse_on(device: torch.device) -> bool:
-    """The FUSE policy for a model running on `device` (True/False are accepted as always/never)."""
-    policy = {True: "always", False: "never"}.get(FUSE, FUSE)
-    if policy not in FUSE_CHOICES:
-        raise ValueError(
-            f"HyperAlign: HYPERALIGN_FUSE={FUSE!r} is not one of {FUSE_CHOICES}. HINT: unset it for 'auto'."
-        )
-    return policy == "always" or (policy == "auto" and device.type != "cpu")
-
-
-def _room_to_merge(resolved: list, fusible, device: torch.device) -> bool:
-    """Whether merged copies of the fusible target weights fit in free memory next to ComfyUI's inference reserve
-    (FLUX's attention targets are about 5 GB in bf16). If not, the hooks serve: they need no copies."""
-    weights = {id(module): module.weight for _, _, module in resolved if fusible(module)}
-    needed = sum(w.numel() * w.element_size() for w in weights.values())
-    needed += max((w.numel() * 4 for w in weights.values()), default=0)  # one fp32 working copy (half dtypes)
-    free = comfy.model_management.get_free_memory(device)
-    if needed + comfy.model_management.minimum_inference_memory() <= free:
-        return True
-    logger.info(
-        "HyperAlign: not merging the LoRA into the weights (needs %.0f MB, %.0f MB free); using forward hooks",
-        needed / 2**20,
-        free / 2**20,
-    )
-    return False
-
-
-@dataclass(eq=False)
-class _Applied:
-    """One prediction's factors made ready for model calls, on first use: merged weights for the fusible
-    target modules (only when every row shares one LoRA), and per-row-layout bound states for the rest."""
-
-    factors: Factors
-    samples: int
-    scale: float
-    fuse: bool
-    merged: dict | None = None  # module -> merged weight Parameter
-    hooked: list | None = None  # resolved rows left to the hook path
-    states: dict = field(default_factory=dict)  # (rows, device) -> LoRAState
-
-    def prepare(self, resolved: list, device: torch.device) -> None:
-        if self.merged is not None:
-            return
-        fusible = _fusible_on(device)
-        if self.fuse and _room_to_merge(resolved, fusible, device):
-            self.merged, self.hooked = fused_weights(resolved, self.factors, 0, self.scale, fusible)
-        else:
-            self.merged, self.hooked = {}, resolved
-
-    def state_for(self, rows: int, device: torch.device) -> LoRAState:
-        key = (rows, device)
-        state = self.states.get(key)
-        if state is None:
-            state = LoRAState(scale=self.scale)
-            index = None if rows == self.samples else rows_to_samples(rows, self.samples).to(device)
-            state.bind(self.factors, index, device=device)
-            self.states[key] = state
-        return state
-
-
 @dataclass
 class _Run:
     """State of one sampler call."""
@@ -314,7 +214,7 @@ class _Run:
     sigma_list: list[float] = field(default_factory=list)  # the same, read once (no device sync per call)
     progress_list: list[float] | None = None  # progress of each schedule sigma, read once
     step: int | None = None
-    applied: _Applied | None = None  # the current prediction's LoRA, ready for model calls
+    applied: fuse.Applied | None = None  # the current prediction's LoRA, ready for model calls
     active: bool = False  # True only while one model evaluation is in flight
     resolved: list | None = None
 
@@ -396,36 +296,30 @@ class _Patch:
             run.resolved = resolve_modules(model.diffusion_model, self.predictor.targets, _comfy_path)
         if run.applied is None or run.applied.factors is not factors:
             run.applied = None  # drop the previous merged weights before any new ones are made
-            run.applied = _Applied(factors, x_in.shape[0], self.scale, self._fuses(model, x_in.shape[0], x_in.device))
+            run.applied = fuse.for_prediction(
+                model,
+                factors,
+                run.resolved,
+                x_in,
+                self.scale,
+                mode=self.settings.mode,
+                keysteps=self.settings.keysteps,
+                step=run.step,
+                progress=run.progress_list,
+                active=self.settings.active_at,
+            )
         run.active = True
         try:
             return executor(model, conds, x_in, timestep, model_options)
         finally:
             run.active = False
 
-    def _fuses(self, model, samples: int, device: torch.device) -> bool:
-        """Merge into the weights only when every row shares one LoRA and the merge serves several model
-        evaluations; never when ComfyUI hook patches may rewrite weights in place between calls."""
-        patcher = getattr(model, "current_patcher", None)
-        return (
-            fuse_on(device)
-            and samples == 1
-            and self.settings.mode in FUSE_MODES
-            and not getattr(patcher, "hook_patches", None)
-        )
-
     def apply_model(self, executor, *args, **kwargs):
         run = self.run
         if run is None or not run.active:
             return executor(*args, **kwargs)
         x = args[0] if args else kwargs["x"]
-        applied = run.applied
-        applied.prepare(run.resolved, x.device)
-        if not applied.hooked:
-            with swapped_weights(applied.merged):
-                return executor(*args, **kwargs)
-        state = applied.state_for(x.shape[0], x.device)
-        with swapped_weights(applied.merged), hooked(applied.hooked, state):
+        with run.applied.in_force(x):
             return executor(*args, **kwargs)
 
     def _predict(self, model, conds, x_in, sigma) -> Factors:

@@ -19,37 +19,37 @@ KEYSTEPS = {"sd15": "0, 0.4, 0.7", "flux": "0, 0.01, 0.6"}
 
 
 @pytest.fixture
-def comfy_patch(hyperalign_pack):
-    return hyperalign_pack.submodule("nodes.comfy_patch")
+def fuse(hyperalign_pack):
+    return hyperalign_pack.submodule("nodes.fuse")
 
 
 @pytest.fixture(autouse=True)
-def fuse_on_cpu(comfy_patch, monkeypatch):
+def fuse_on_cpu(fuse, monkeypatch):
     """The default ("auto") fuses on GPUs only; these tests run the fused path on CPU."""
-    monkeypatch.setattr(comfy_patch, "FUSE", "always")
+    monkeypatch.setattr(fuse, "FUSE", "always")
 
 
 @pytest.fixture
-def merges(comfy_patch, monkeypatch):
+def merges(fuse, monkeypatch):
     """Records each merge the nodes make: (modules merged, targets left to the hooks)."""
     made = []
-    original = comfy_patch.fused_weights
+    original = fuse.fused_weights
 
     def spy(*args, **kwargs):
         merged, rest = original(*args, **kwargs)
         made.append((len(merged), len(rest)))
         return merged, rest
 
-    monkeypatch.setattr(comfy_patch, "fused_weights", spy)
+    monkeypatch.setattr(fuse, "fused_weights", spy)
     return made
 
 
-def _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, model, family, name, node, mode, **kwargs):
+def _fused_and_hooked(comfy, tiny, fuse, monkeypatch, model, family, name, node, mode, **kwargs):
     patched = apply(node, model, name, mode=mode, keysteps=KEYSTEPS[family] if mode == "P" else "")
     fused = sample(comfy, tiny, patched, family, 1, steps=STEPS, **kwargs)
-    monkeypatch.setattr(comfy_patch, "FUSE", "never")
+    monkeypatch.setattr(fuse, "FUSE", "never")
     hooked = sample(comfy, tiny, patched, family, 1, steps=STEPS, **kwargs)
-    monkeypatch.setattr(comfy_patch, "FUSE", "always")
+    monkeypatch.setattr(fuse, "FUSE", "always")
     return fused, hooked
 
 
@@ -65,13 +65,13 @@ def _target_modules(node, predictor_name: str) -> int:
     ("mode", "sampler", "cfg"), [("I", "euler", 5.0), ("P", "euler", 5.0), ("P", "heun", 1.0), ("S", "euler", 5.0)]
 )
 def test_fused_equals_hooked(
-    comfy, tiny, base_models, predictors, node, ui_events, comfy_patch, merges, monkeypatch, family, mode, sampler, cfg
+    comfy, tiny, base_models, predictors, node, ui_events, fuse, merges, monkeypatch, family, mode, sampler, cfg
 ):
     model = base_models[family]
     name = predictors[f"{family}_a"]
-    monkeypatch.setattr(comfy_patch, "FUSE_MODES", ("S", "I", "P"))  # S too: its merges must be right as well
+    monkeypatch.setattr(fuse, "FUSE_MODES", ("S", "I", "P"))  # S too: its merges must be right as well
     fused, hooked = _fused_and_hooked(
-        comfy, tiny, comfy_patch, monkeypatch, model, family, name, node, mode, sampler=sampler, cfg=cfg
+        comfy, tiny, fuse, monkeypatch, model, family, name, node, mode, sampler=sampler, cfg=cfg
     )
     plain = sample(comfy, tiny, model, family, 1, steps=STEPS, sampler=sampler, cfg=cfg)
     predictions = [len(run["calls"]) for run in runs(ui_events)]
@@ -86,7 +86,7 @@ def test_fused_equals_hooked(
 @pytest.mark.comfy
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_batches_of_several_samples_keep_the_hooks(
-    comfy, tiny, base_models, predictors, node, comfy_patch, merges, family
+    comfy, tiny, base_models, predictors, node, fuse, merges, family
 ):
     patched = apply(node, base_models[family], predictors[f"{family}_a"], mode="I")
     sample(comfy, tiny, patched, family, 2, steps=2)
@@ -94,34 +94,34 @@ def test_batches_of_several_samples_keep_the_hooks(
 
 
 @pytest.mark.comfy
-def test_auto_policy_fuses_on_accelerators_only(comfy_patch, monkeypatch):
-    monkeypatch.setattr(comfy_patch, "FUSE", "auto")
-    assert comfy_patch.fuse_on(torch.device("cuda", 0)) and comfy_patch.fuse_on(torch.device("xpu"))
-    assert not comfy_patch.fuse_on(torch.device("cpu"))
+def test_auto_policy_fuses_on_accelerators_only(fuse, monkeypatch):
+    monkeypatch.setattr(fuse, "FUSE", "auto")
+    assert fuse.fuse_on(torch.device("cuda", 0)) and fuse.fuse_on(torch.device("xpu"))
+    assert not fuse.fuse_on(torch.device("cpu"))
     for forced, expected in (("always", True), ("never", False), (True, True), (False, False)):
-        monkeypatch.setattr(comfy_patch, "FUSE", forced)
-        assert comfy_patch.fuse_on(torch.device("cpu")) is expected
-    monkeypatch.setattr(comfy_patch, "FUSE", "sometimes")
+        monkeypatch.setattr(fuse, "FUSE", forced)
+        assert fuse.fuse_on(torch.device("cpu")) is expected
+    monkeypatch.setattr(fuse, "FUSE", "sometimes")
     with pytest.raises(ValueError, match="HYPERALIGN_FUSE='sometimes' is not one of"):
-        comfy_patch.fuse_on(torch.device("cpu"))
+        fuse.fuse_on(torch.device("cpu"))
 
 
 @pytest.mark.comfy
-def test_auto_keeps_the_hooks_on_cpu(comfy, tiny, base_models, predictors, node, comfy_patch, merges, monkeypatch):
-    monkeypatch.setattr(comfy_patch, "FUSE", "auto")
+def test_auto_keeps_the_hooks_on_cpu(comfy, tiny, base_models, predictors, node, fuse, merges, monkeypatch):
+    monkeypatch.setattr(fuse, "FUSE", "auto")
     patched = apply(node, base_models["sd15"], predictors["sd15_a"], mode="I")
     sample(comfy, tiny, patched, "sd15", 1, steps=2)
     assert merges == []
 
 
 @pytest.mark.comfy
-def test_no_room_for_merged_weights_keeps_the_hooks(comfy, tiny, predictors, node, comfy_patch, merges, monkeypatch):
+def test_no_room_for_merged_weights_keeps_the_hooks(comfy, tiny, predictors, node, fuse, merges, monkeypatch):
     """Merged copies need memory (FLUX's targets: about 5 GB in bf16): without room, the hooks serve, same result."""
     import comfy.model_management
 
     model = tiny.build_model("sd15", seed=0)
     name = predictors["sd15_a"]
-    fused, _ = _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, model, "sd15", name, node, "I")
+    fused, _ = _fused_and_hooked(comfy, tiny, fuse, monkeypatch, model, "sd15", name, node, "I")
     assert merges == [(_target_modules(node, name), 0)]
     reserve = comfy.model_management.minimum_inference_memory()
     free = reserve + 1024
@@ -137,7 +137,7 @@ def test_no_room_for_merged_weights_keeps_the_hooks(comfy, tiny, predictors, nod
 
 
 @pytest.mark.comfy
-def test_layers_comfyui_casts_per_call_keep_the_hooks(comfy, tiny, predictors, node, comfy_patch, merges, monkeypatch):
+def test_layers_comfyui_casts_per_call_keep_the_hooks(comfy, tiny, predictors, node, fuse, merges, monkeypatch):
     """Manual-cast / low-VRAM layers read their weight through ComfyUI's cast on every call: they stay hooked,
     the others are fused, and the result is the hook path's."""
     model = tiny.build_model("sd15", seed=0)
@@ -145,7 +145,7 @@ def test_layers_comfyui_casts_per_call_keep_the_hooks(comfy, tiny, predictors, n
     for module in cast:
         module.comfy_cast_weights = True
     name = predictors["sd15_a"]
-    fused, hooked = _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, model, "sd15", name, node, "I")
+    fused, hooked = _fused_and_hooked(comfy, tiny, fuse, monkeypatch, model, "sd15", name, node, "I")
     assert merges == [(_target_modules(node, name) - len(cast), len(cast))]
     torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
 
@@ -158,13 +158,13 @@ def _diff_patch(model, seed: int) -> dict:
 
 
 @pytest.mark.comfy
-def test_fuses_on_top_of_a_loaded_lora(comfy, tiny, predictors, node, comfy_patch, merges, monkeypatch):
+def test_fuses_on_top_of_a_loaded_lora(comfy, tiny, predictors, node, fuse, merges, monkeypatch):
     model = tiny.build_model("sd15", seed=0)
     before = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
     lora = model.clone()
     lora.add_patches(_diff_patch(model, 3), 1.0)
     name = predictors["sd15_a"]
-    fused, hooked = _fused_and_hooked(comfy, tiny, comfy_patch, monkeypatch, lora, "sd15", name, node, "P")
+    fused, hooked = _fused_and_hooked(comfy, tiny, fuse, monkeypatch, lora, "sd15", name, node, "P")
     assert len(merges) == 3
     torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
     without = sample(
