@@ -1,4 +1,4 @@
-"""The one table of LoRA target layers, for SD1.5-family UNets and FLUX-family DiTs.
+"""The one table of LoRA target layers, for SD1.5- and SDXL-family UNets and FLUX-family DiTs.
 
 Rows are generated from a few architecture numbers (as ComfyUI derives its key maps in
 ``unet_to_diffusers`` / ``flux_to_diffusers``), so the same code serves the real models and the
@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 SD15 = "sd15"
 FLUX = "flux"
-FAMILIES = (SD15, FLUX)
+SDXL = "sdxl"
+FAMILIES = (SD15, FLUX, SDXL)
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,47 @@ class DiTArch:
         return int(self.hidden_size * self.mlp_ratio)
 
 
+@dataclass(frozen=True)
+class XLUNetArch:
+    """The numbers of an SDXL-style UNet: a transformer depth per resolution level (0: no attention there)."""
+
+    block_channels: tuple[int, ...] = (320, 640, 1280)
+    transformer_depths: tuple[int, ...] = (0, 2, 10)
+    mid_depth: int = 10  # transformer blocks in the middle block (0: none)
+    layers_per_block: int = 2
+    context_dim: int = 2048  # CLIP-L (768) and OpenCLIP-G (1280) hidden states, concatenated
+
+    def __post_init__(self):
+        for name in ("block_channels", "transformer_depths"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 8:
+                raise ValueError(f"HyperAlign: unet {name} must be a list of 1 to 8 entries, got {value!r}.")
+            object.__setattr__(self, name, tuple(value))
+        if len(self.block_channels) != len(self.transformer_depths):
+            raise ValueError(
+                f"HyperAlign: block_channels {self.block_channels} and transformer_depths "
+                f"{self.transformer_depths} must have one entry per resolution level."
+            )
+        for width in self.block_channels:
+            _check_arch_int("unet block_channels entry", width, 1, 65536)
+        for depth in self.transformer_depths:
+            _check_arch_int("unet transformer_depths entry", depth, 0, 64)
+        _check_arch_int("unet mid_depth", self.mid_depth, 0, 64)
+        _check_arch_int("unet layers_per_block", self.layers_per_block, 1, 16)
+        _check_arch_int("unet context_dim", self.context_dim, 1, 65536)
+
+
 SD15_ARCH = UNetArch()
 FLUX_ARCH = DiTArch()
+SDXL_ARCH = XLUNetArch()
 
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def _sd15_site_rows(diffusers_prefix: str, comfy_prefix: str, width: int, arch: UNetArch) -> list[Target]:
+def _site_rows(diffusers_prefix: str, comfy_prefix: str, width: int, depth: int, context_dim: int) -> list[Target]:
+    """The attention Linears of one spatial transformer (`depth` transformer blocks of width `width`)."""
     rows = []
-    for d in range(arch.transformer_depth):
+    for d in range(depth):
         block = f"transformer_blocks.{d}"
         for attn in ("attn1", "attn2"):
             for proj in _ATTN_PROJ:
@@ -109,38 +142,55 @@ def _sd15_site_rows(diffusers_prefix: str, comfy_prefix: str, width: int, arch: 
                     Target(
                         id=f"{diffusers_prefix}.{block}.{attn}.{proj}",
                         comfy=f"{comfy_prefix}.{block}.{attn}.{proj}",
-                        in_features=arch.context_dim if from_context else width,
+                        in_features=context_dim if from_context else width,
                         out_features=width,
                     )
                 )
     return rows
 
 
-def _sd15_rows(arch: UNetArch) -> list[Target]:
-    levels = len(arch.block_channels)
-    per_level_in = arch.layers_per_block + 1  # res blocks plus one downsample (index stays aligned)
+def _unet_rows(
+    channels: tuple[int, ...], depths: tuple[int, ...], mid_depth: int, layers_per_block: int, context_dim: int
+) -> list[Target]:
+    """Down, middle and up attention sites of a UNet with `depths[level]` transformer blocks per site (0: none).
+
+    ComfyUI numbers input blocks 1 + level * (layers + 1) + j (a downsample takes the last index of a level, or is
+    absent at the last level) and output blocks up * (layers + 1) + j; the transformer is sub-module 1 of each."""
+    levels, per_level = len(channels), layers_per_block + 1
     rows = []
-    for level, (width, has_attn) in enumerate(zip(arch.block_channels, arch.attention_levels)):
-        if not has_attn:
-            continue
-        for j in range(arch.layers_per_block):
-            comfy_index = 1 + level * per_level_in + j
-            rows += _sd15_site_rows(f"down_blocks.{level}.attentions.{j}", f"input_blocks.{comfy_index}.1", width, arch)
-    if arch.mid_attention:
-        rows += _sd15_site_rows("mid_block.attentions.0", "middle_block.1", arch.block_channels[-1], arch)
+    for level, (width, depth) in enumerate(zip(channels, depths)):
+        for j in range(layers_per_block if depth else 0):
+            rows += _site_rows(
+                f"down_blocks.{level}.attentions.{j}",
+                f"input_blocks.{1 + level * per_level + j}.1",
+                width,
+                depth,
+                context_dim,
+            )
+    rows += _site_rows("mid_block.attentions.0", "middle_block.1", channels[-1], mid_depth, context_dim)
     for up in range(levels):
         level = levels - 1 - up
-        if not arch.attention_levels[level]:
-            continue
-        for j in range(arch.layers_per_block + 1):
-            comfy_index = up * (arch.layers_per_block + 1) + j
-            rows += _sd15_site_rows(
+        for j in range(per_level if depths[level] else 0):
+            rows += _site_rows(
                 f"up_blocks.{up}.attentions.{j}",
-                f"output_blocks.{comfy_index}.1",
-                arch.block_channels[level],
-                arch,
+                f"output_blocks.{up * per_level + j}.1",
+                channels[level],
+                depths[level],
+                context_dim,
             )
     return rows
+
+
+def _sd15_rows(arch: UNetArch) -> list[Target]:
+    depths = tuple(arch.transformer_depth if has_attn else 0 for has_attn in arch.attention_levels)
+    mid_depth = arch.transformer_depth if arch.mid_attention else 0
+    return _unet_rows(arch.block_channels, depths, mid_depth, arch.layers_per_block, arch.context_dim)
+
+
+def _sdxl_rows(arch: XLUNetArch) -> list[Target]:
+    return _unet_rows(
+        arch.block_channels, arch.transformer_depths, arch.mid_depth, arch.layers_per_block, arch.context_dim
+    )
 
 
 def _flux_rows(arch: DiTArch) -> list[Target]:
@@ -178,6 +228,13 @@ _PRESETS = {
         "img_attn": lambda t: ".attn.to_" in t.id and "to_add_out" not in t.id,
         "attn_mlp": lambda t: True,
     },
+    SDXL: {
+        "attn": lambda t: ".attn1." in t.id or ".attn2." in t.id,
+        "cross_attn": lambda t: ".attn2." in t.id,
+        # the lighter one: only the cross-attention key and value projections of the text (as Custom Diffusion
+        # fine-tunes), a quarter of the attention Linears
+        "cross_kv": lambda t: ".attn2.to_k" in t.id or ".attn2.to_v" in t.id,
+    },
 }
 DEFAULT_PRESET = "attn"
 
@@ -185,7 +242,7 @@ DEFAULT_PRESET = "attn"
 @dataclass(frozen=True)
 class TargetTable:
     family: str
-    arch: UNetArch | DiTArch
+    arch: UNetArch | DiTArch | XLUNetArch
     rows: tuple[Target, ...] = field(repr=False)
 
     def by_id(self) -> dict[str, Target]:
@@ -216,17 +273,27 @@ def preset_names(family: str) -> list[str]:
     return sorted(_PRESETS[family])
 
 
-def build_table(family: str, arch: UNetArch | DiTArch | dict | None = None) -> TargetTable:
-    """All candidate target rows of one architecture (defaults: the real SD1.5 / FLUX.1)."""
+_ARCH = {SD15: (UNetArch, _sd15_rows), FLUX: (DiTArch, _flux_rows), SDXL: (XLUNetArch, _sdxl_rows)}
+
+
+def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise ValueError(f"HyperAlign: unknown model family {family!r}; expected one of {FAMILIES}.")
+
+
+def build_table(family: str, arch: UNetArch | DiTArch | XLUNetArch | dict | None = None) -> TargetTable:
+    """All candidate target rows of one architecture (defaults: the real SD1.5 / FLUX.1 / SDXL base)."""
+    _check_family(family)
     arch = arch_from_dict(family, arch) if isinstance(arch, dict) or arch is None else arch
-    rows = _sd15_rows(arch) if family == SD15 else _flux_rows(arch)
-    return TargetTable(family, arch, tuple(rows))
+    cls, rows_of = _ARCH[family]
+    if not isinstance(arch, cls):
+        raise ValueError(f"HyperAlign: {family} targets need {cls.__name__} numbers, got a {type(arch).__name__}.")
+    return TargetTable(family, arch, tuple(rows_of(arch)))
 
 
-def arch_from_dict(family: str, data: dict | None) -> UNetArch | DiTArch:
-    cls = UNetArch if family == SD15 else DiTArch
+def arch_from_dict(family: str, data: dict | None) -> UNetArch | DiTArch | XLUNetArch:
+    _check_family(family)
+    cls = _ARCH[family][0]
     data = dict(data or {})
     allowed = set(cls.__dataclass_fields__)
     unknown = sorted(set(data) - allowed)
@@ -238,7 +305,7 @@ def arch_from_dict(family: str, data: dict | None) -> UNetArch | DiTArch:
     return cls(**data)
 
 
-def arch_to_dict(arch: UNetArch | DiTArch) -> dict:
+def arch_to_dict(arch: UNetArch | DiTArch | XLUNetArch) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(arch).items()}
 
 

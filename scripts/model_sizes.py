@@ -3,6 +3,8 @@
     python scripts/model_sizes.py            # the table (meta device: no weights allocated, ~seconds)
     python scripts/model_sizes.py --rank 16  # another rank
 
+The main table uses one preset for every family that has it; a second table lists each SDXL preset.
+
 Hypernets are built on the meta device, so the numbers come from shapes alone; one bf16 SD1.5
 predictor is also written to a temporary folder to show the real file size next to the estimate.
 """
@@ -21,16 +23,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyperalign import HyperNet, HypernetConfig, new_predictor, save_predictor  # noqa: E402
-from hyperalign.targets import FLUX, SD15, build_table  # noqa: E402
+from hyperalign.targets import FLUX, SD15, SDXL, build_table, preset_names  # noqa: E402
 
 MB = 1024 * 1024
 # perception-encoder width and prompt-token width of the real models (see the brief's conventions)
-FAMILIES = {SD15: dict(feature_dim=1280, context_dim=768), FLUX: dict(feature_dim=3072, context_dim=768)}
+FAMILIES = {
+    SD15: dict(feature_dim=1280, context_dim=768),
+    FLUX: dict(feature_dim=3072, context_dim=768),
+    SDXL: dict(feature_dim=1280, context_dim=2048),  # middle block width; CLIP-L + OpenCLIP-G token width
+}
 
 
 @dataclass
 class Row:
     family: str
+    preset: str
     dim: int
     rank: int
     targets: int
@@ -42,6 +49,7 @@ class Row:
     def cells(self) -> list[str]:
         return [
             self.family,
+            self.preset,
             str(self.dim),
             str(self.rank),
             str(self.targets),
@@ -56,6 +64,7 @@ class Row:
 
 HEADER = [
     "family",
+    "preset",
     "dim",
     "rank",
     "targets",
@@ -77,7 +86,7 @@ def measure(family: str, dim: int | None, rank: int, preset: str) -> Row:
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     stored = sum(t.numel() for t in net.state_dict().values())
     factors = sum(cfg.rank * (t.in_features + t.out_features) for t in targets)  # down (r, i) + up (o, r)
-    return Row(family, cfg.dim, cfg.rank, len(targets), params, stored * 4 / MB, stored * 2 / MB, factors)
+    return Row(family, preset, cfg.dim, cfg.rank, len(targets), params, stored * 4 / MB, stored * 2 / MB, factors)
 
 
 def real_bf16_file_mb(rank: int, preset: str) -> tuple[float, int]:
@@ -102,17 +111,21 @@ def print_table(rows: list[list[str]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=HypernetConfig(1, 0).rank)
-    parser.add_argument("--preset", default="attn", help="target preset (default: attn, both families)")
+    parser.add_argument("--preset", default="attn", help="target preset (default: attn, every family has it)")
     args = parser.parse_args(argv)
     default_dim = HypernetConfig(1, 0).dim
-    rows = [measure(family, dim, args.rank, args.preset) for family in FAMILIES for dim in (None, 512)]
+    families = [family for family in FAMILIES if args.preset in preset_names(family)]
+    rows = [measure(family, dim, args.rank, args.preset) for family in families for dim in (None, 512)]
     print(
         f"HyperAlign predictor sizes (preset {args.preset!r}; dim {default_dim} is the default; "
         "file sizes exclude the JSON header)"
     )
     print_table([HEADER] + [r.cells() for r in rows])
+    xl = [measure(SDXL, dim, args.rank, preset) for preset in preset_names(SDXL) for dim in (None, 512)]
+    print("\nSDXL presets (attn: every attention Linear; cross_attn: attn2 only; cross_kv: attn2 to_k/to_v only)")
+    print_table([HEADER] + [r.cells() for r in xl])
     size, overhead = real_bf16_file_mb(args.rank, args.preset)
-    estimate = next(r for r in rows if r.family == SD15 and r.dim == default_dim).file_bf16_mb
+    estimate = measure(SD15, None, args.rank, args.preset).file_bf16_mb
     print(
         f"\nSD1.5 default predictor written in bf16: {size:.2f} MB on disk "
         f"(estimate {estimate:.2f} MB + {overhead / 1024:.1f} KiB header)"

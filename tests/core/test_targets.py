@@ -5,10 +5,13 @@ from collections import defaultdict
 import pytest
 
 from hyperalign.targets import (
+    FAMILIES,
     FLUX,
     SD15,
+    SDXL,
     DiTArch,
     UNetArch,
+    XLUNetArch,
     arch_from_dict,
     arch_to_dict,
     build_table,
@@ -22,7 +25,12 @@ GOLDEN_SHA256 = {
     (SD15, "attn"): "b1d9f32952a3c93f235245395c1ea3a029f018076ff5f1d2235f4eaf4251a9d8",
     (SD15, "cross_attn"): "b254acf072ca78c361d84cf50314a139373bf5e6dc704336b9748602734667e6",
     (FLUX, "attn"): "e06720a1c81fee06ef777cee1a1aeb8ec4fd971105fe679520cf1143d853b629",
+    (SDXL, "attn"): "84436f7d9a726c8b83eaaf182abc1aa7431dd36eecd48db8670f151767a0953d",
+    (SDXL, "cross_attn"): "ca75daefe22e0b573bbe6a7c0a4ebfb2a0b67e97b00ed52ea9589280d14cdc5a",
+    (SDXL, "cross_kv"): "d65151a02c86af7f54df23a06211570c7a181095f1d13132a2ea2624cac36dd8",
 }
+# SDXL: transformer blocks down (level 1: 2 sites x 2, level 2: 2 x 10), middle 10, up (3 x 10, 3 x 2) = 70
+SDXL_BLOCKS = 2 * 2 + 2 * 10 + 10 + 3 * 10 + 3 * 2
 
 GOLDEN_COUNTS = [
     (SD15, "attn", 128),
@@ -32,9 +40,15 @@ GOLDEN_COUNTS = [
     (FLUX, "double_attn", 19 * 8),
     (FLUX, "img_attn", 19 * 4 + 38 * 3),
     (FLUX, "attn_mlp", 19 * 8 + 38 * 5),
+    (SDXL, "attn", SDXL_BLOCKS * 8),
+    (SDXL, "cross_attn", SDXL_BLOCKS * 4),
+    (SDXL, "cross_kv", SDXL_BLOCKS * 2),
 ]
 
 TINY_UNET = UNetArch(block_channels=(32, 64), attention_levels=(True, True), layers_per_block=1, context_dim=32)
+TINY_XL = XLUNetArch(
+    block_channels=(32, 64), transformer_depths=(0, 2), mid_depth=3, layers_per_block=1, context_dim=48
+)
 
 
 @pytest.mark.parametrize("family, preset, count", GOLDEN_COUNTS)
@@ -43,7 +57,7 @@ def test_golden_counts(family, preset, count):
 
 
 def test_default_preset_is_attn():
-    for family in (SD15, FLUX):
+    for family in FAMILIES:
         table = build_table(family)
         assert table.preset() == table.preset("attn")
 
@@ -66,7 +80,14 @@ def test_hash_sees_order_shapes_and_slices():
 
 @pytest.mark.parametrize(
     "family, arch",
-    [(SD15, None), (FLUX, None), (SD15, TINY_UNET), (FLUX, DiTArch(hidden_size=64, depth=2, depth_single_blocks=3))],
+    [
+        (SD15, None),
+        (FLUX, None),
+        (SDXL, None),
+        (SD15, TINY_UNET),
+        (FLUX, DiTArch(hidden_size=64, depth=2, depth_single_blocks=3)),
+        (SDXL, XLUNetArch(block_channels=(32, 64, 64), transformer_depths=(0, 1, 2), mid_depth=2, context_dim=48)),
+    ],
 )
 def test_ids_are_unique_and_comfy_slices_distinct(family, arch):
     rows = build_table(family, arch).rows
@@ -131,12 +152,15 @@ def test_select_keeps_order_and_names_unknown_ids():
 def test_unknown_preset_and_family():
     with pytest.raises(ValueError, match="HyperAlign: unknown target preset 'mlp' for sd15"):
         build_table(SD15).preset("mlp")
-    with pytest.raises(ValueError, match="HyperAlign: unknown model family 'sdxl'"):
-        build_table("sdxl")
+    with pytest.raises(ValueError, match="HyperAlign: unknown model family 'sd3'"):
+        build_table("sd3")
     assert preset_names(FLUX) == ["attn", "attn_mlp", "double_attn", "img_attn"]
 
 
-@pytest.mark.parametrize("family, arch", [(SD15, TINY_UNET), (SD15, UNetArch()), (FLUX, DiTArch(64, 1, 1))])
+@pytest.mark.parametrize(
+    "family, arch",
+    [(SD15, TINY_UNET), (SD15, UNetArch()), (FLUX, DiTArch(64, 1, 1)), (SDXL, XLUNetArch()), (SDXL, TINY_XL)],
+)
 def test_arch_dict_round_trip(family, arch):
     data = arch_to_dict(arch)
     assert arch_from_dict(family, data) == arch
@@ -163,6 +187,11 @@ def test_arch_from_dict_rejects_unknown_keys():
         (FLUX, {"mlp_ratio": float("inf")}),
         (FLUX, {"mlp_ratio": -1.0}),
         (FLUX, {"mlp_ratio": float("nan")}),
+        (SDXL, {"transformer_depths": [0, 2]}),
+        (SDXL, {"transformer_depths": [0, -1, 10]}),
+        (SDXL, {"transformer_depths": [0, 2, 65]}),
+        (SDXL, {"mid_depth": 1.5}),
+        (SDXL, {"attention_levels": [False, True, True]}),
     ],
 )
 def test_absurd_architectures_are_rejected(family, data):
@@ -175,3 +204,31 @@ def test_tiny_unet_rows():
     rows = build_table(SD15, TINY_UNET).preset("attn")
     assert len(rows) == 8 * (2 * 1 + 1 + 2 * 2)  # down 2 levels x 1, mid, up 2 levels x 2; 8 Linears per site
     assert {t.in_features for t in rows} == {32, 64}
+
+
+def test_sdxl_shapes_and_comfy_paths():
+    index = build_table(SDXL).by_id()
+    assert not any(i.startswith(("down_blocks.0.", "up_blocks.2.")) for i in index)  # no attention at level 0
+    k = index["down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"]
+    assert (k.comfy, k.in_features, k.out_features) == ("input_blocks.4.1.transformer_blocks.1.attn2.to_k", 2048, 640)
+    q = index["down_blocks.2.attentions.1.transformer_blocks.9.attn1.to_q"]
+    assert (q.comfy, q.in_features) == ("input_blocks.8.1.transformer_blocks.9.attn1.to_q", 1280)
+    mid = index["mid_block.attentions.0.transformer_blocks.9.attn2.to_out.0"]
+    assert (mid.comfy, mid.out_features) == ("middle_block.1.transformer_blocks.9.attn2.to_out.0", 1280)
+    up = index["up_blocks.1.attentions.2.transformer_blocks.1.attn1.to_v"]
+    assert (up.comfy, up.in_features) == ("output_blocks.5.1.transformer_blocks.1.attn1.to_v", 640)
+    assert "up_blocks.0.attentions.2.transformer_blocks.9.attn1.to_q" in index
+    assert "down_blocks.1.attentions.0.transformer_blocks.2.attn1.to_q" not in index  # depth 2 at level 1
+
+
+def test_tiny_sdxl_rows():
+    rows = build_table(SDXL, TINY_XL).preset("attn")
+    assert len(rows) == 8 * (1 * 2 + 3 + 2 * 2)  # level 1: 1 down site and 2 up sites of depth 2; middle depth 3
+    assert {t.in_features for t in rows} == {64, 48}
+
+
+def test_sd15_and_sdxl_arch_are_not_interchangeable():
+    with pytest.raises(ValueError, match="HyperAlign: unknown sdxl architecture keys"):
+        build_table(SDXL, arch_to_dict(UNetArch()))
+    with pytest.raises(ValueError, match="HyperAlign: sdxl targets need XLUNetArch numbers"):
+        build_table(SDXL, UNetArch())
