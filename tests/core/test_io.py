@@ -240,10 +240,30 @@ def test_family_and_arch_disagree(saved, tmp_path):
 
 
 def test_unknown_family(saved, tmp_path):
+    def sd3(meta):
+        meta["family"] = "sd3"
+
+    assert_rejected(edited(saved, tmp_path, edit_meta=sd3), "unknown model family 'sd3'")
+
+
+def test_sd15_file_relabelled_sdxl_is_refused(saved, tmp_path):
+    """SD1.5 and SDXL are both UNets, but their architecture records differ: a relabelled header cannot pass."""
+
     def sdxl(meta):
         meta["family"] = "sdxl"
 
-    assert_rejected(edited(saved, tmp_path, edit_meta=sdxl), "unknown model family 'sdxl'")
+    assert_rejected(edited(saved, tmp_path, edit_meta=sdxl), "unknown sdxl architecture keys")
+
+
+def test_sdxl_round_trip(tmp_path):
+    arch = {"block_channels": [32, 64], "transformer_depths": [0, 2], "mid_depth": 1, "layers_per_block": 1}
+    cfg = HypernetConfig(feature_dim=64, context_dim=48, dim=16, depth=1, heads=2, rank=2, basis=4)
+    predictor = new_predictor("sdxl", cfg, dict(arch, context_dim=48), "cross_kv", mode="I")
+    save_predictor(tmp_path / "xl.safetensors", predictor)
+    meta = read_meta(tmp_path / "xl.safetensors")
+    assert (meta.family, meta.arch["transformer_depths"], len(meta.targets)) == ("sdxl", [0, 2], 2 * 3 * 2 + 2)
+    loaded = load_predictor(tmp_path / "xl.safetensors")
+    assert [t.id for t in loaded.targets] == meta.targets and all(".attn2.to_" in i for i in meta.targets)
 
 
 def test_unknown_format_version(saved, tmp_path):
