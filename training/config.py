@@ -35,7 +35,7 @@ def _positive(section: str, **values) -> None:
 
 @dataclass
 class ModelConfig:
-    family: Literal["sd15", "flux"] = "sd15"
+    family: Literal["sd15", "flux", "sdxl"] = "sd15"
     path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # local diffusers folder or Hub id
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files
@@ -46,8 +46,8 @@ class ModelConfig:
     vae_checkpointing: bool = True
     shard_base: bool = False  # FSDP2-shard the frozen denoiser's blocks across ranks (FLUX on small cards)
     max_sequence_length: int = 512  # FLUX T5 tokens (schnell: 256)
-    # SD1.5 DDIM timesteps: "trailing" = ComfyUI's "simple" (its default) and "sgm_uniform" schedulers, "linspace" =
-    # its "normal" one, each to within one timestep (tests/parity); "leading" is diffusers' SD1.5 default
+    # SD1.5 and SDXL DDIM timesteps: "trailing" = ComfyUI's "simple" (its default) and "sgm_uniform" schedulers,
+    # "linspace" = its "normal" one, each to within one timestep (tests/parity); "leading" is diffusers' default
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
 
     def __post_init__(self):

@@ -179,6 +179,10 @@ def load_family(cfg: ModelConfig, device, dtype: torch.dtype | None = None) -> F
         from .sd15 import SD15Family
 
         family = SD15Family.load(cfg, device, dtype)
+    elif cfg.family == "sdxl":
+        from .sdxl import SDXLFamily
+
+        family = SDXLFamily.load(cfg, device, dtype)
     else:
         from .flux import FluxFamily
 
