@@ -1,6 +1,6 @@
 """HyperAlign core: a hypernetwork that predicts per-sample LoRA weights during diffusion sampling.
 
-Pure torch (plus safetensors and einops): no ComfyUI, diffusers or accelerate import, so the node
+Pure torch (plus safetensors): no ComfyUI, diffusers or accelerate import, so the node
 pack and the trainer share exactly this code.
 """
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything CI checks: set up the environment, lint, format check, Python tests, frontend unit tests.
+# Everything CI checks: set up the environment, lint, format check, the Comfy Registry validator, Python tests,
+# frontend unit tests.
 # Extra arguments go to pytest, e.g. ./scripts/test.sh -k lora -x
 #
 # COMFYUI_PATH selects the ComfyUI the tests run against (default: the host that setup_env.sh installs,
@@ -26,6 +27,16 @@ step() {
 
 step "ruff check" "$PY" -m ruff check .
 step "ruff format --check" "$PY" -m ruff format --check .
+
+# The Comfy Registry's own checks (offline; comfy-cli is pinned in the test extra). Today it only *warns* about
+# rules it says will become errors (exec, eval, ';'), so any warning fails here: a new rule is seen the day it lands.
+registry_validate() {
+    local out rc=0
+    out="$("$ROOT/.venv/bin/comfy" --skip-prompt --no-enable-telemetry node validate 2>&1)" || rc=$?
+    printf '%s\n' "$out"
+    ((rc == 0)) && grep -q "All validation checks passed" <<<"$out"
+}
+step "comfy node validate (Comfy Registry)" registry_validate
 
 printf '\n[test] pytest (COMFYUI_PATH=%s)\n' "$COMFYUI_PATH"
 rc=0

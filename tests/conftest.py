@@ -10,6 +10,7 @@ Fixtures for the real ComfyUI host (used by tests/nodes and any test marked `com
   ``custom_nodes/ComfyUI-HyperAlign`` symlink, exactly as a user's ComfyUI would import it.
 """
 
+import ast
 import asyncio
 import os
 import sys
@@ -27,10 +28,14 @@ COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI_PATH).reso
 PACK_NAME = "ComfyUI-HyperAlign"
 
 
-def comfyui_version() -> str:
-    namespace: dict = {}
-    exec((COMFYUI_PATH / "comfyui_version.py").read_text(), namespace)
-    return namespace.get("__version__", "unknown")
+def comfyui_version(root: Path = COMFYUI_PATH) -> str:
+    """`__version__` of a ComfyUI checkout, read from its comfyui_version.py without running it (the Registry's
+    validator refuses exec)."""
+    tree = ast.parse((root / "comfyui_version.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise ValueError(f"HyperAlign: no __version__ in {root / 'comfyui_version.py'}")
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,16 @@
 """`import hyperalign` stays pure: no ComfyUI, diffusers, accelerate or transformers, in a fresh interpreter."""
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOSTS = (
@@ -57,8 +64,33 @@ def test_import_with_hosts_blocked():
     assert result["targets"] == 32 and result["version"]
 
 
-def test_public_names_exist():
+def test_all_is_exactly_what_the_package_re_exports():
+    """Every name `hyperalign/__init__.py` imports is in `__all__` and nothing else is (a forgotten export fails)."""
     import hyperalign
 
-    missing = [name for name in hyperalign.__all__ if not hasattr(hyperalign, name)]
-    assert missing == []
+    tree = ast.parse((REPO_ROOT / "hyperalign" / "__init__.py").read_text())
+    imported = {
+        alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+    assert sorted(hyperalign.__all__) == sorted(imported)
+
+
+def test_runtime_requirements_are_exactly_what_the_pack_imports():
+    """requirements.txt (what ComfyUI users install) equals pyproject's dependencies, and each is imported by the
+    code ComfyUI loads (hyperalign/, nodes/, __init__.py): an unused requirement fails here."""
+    listed = [line.strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert listed == project["dependencies"]
+    imported = set()
+    for path in [
+        REPO_ROOT / "__init__.py",
+        *(REPO_ROOT / "hyperalign").rglob("*.py"),
+        *(REPO_ROOT / "nodes").rglob("*.py"),
+    ]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    unused = [name for name in listed if re.split(r"[<>=!~\[; ]", name)[0].replace("-", "_") not in imported]
+    assert unused == []
