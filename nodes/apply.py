@@ -5,10 +5,11 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..hyperalign.schedule import MODES, validate_keysteps
-from . import comfy_patch
 from .schema import CATEGORY, PredictorType, node_id_of
+from .settings import FROM_FILE, make_settings
+from .wrappers import patch_model
 
-MODE_OPTIONS = [comfy_patch.FROM_FILE, *MODES]
+MODE_OPTIONS = [FROM_FILE, *MODES]
 
 
 class HyperAlignApply(io.ComfyNode):
@@ -26,7 +27,7 @@ class HyperAlignApply(io.ComfyNode):
                 io.Combo.Input(
                     "mode",
                     options=MODE_OPTIONS,
-                    default=comfy_patch.FROM_FILE,
+                    default=FROM_FILE,
                     tooltip="When the hypernetwork runs: from_file = as trained; S = every step; I = once at the "
                     "start; P = at each keystep.",
                 ),
@@ -81,7 +82,7 @@ class HyperAlignApply(io.ComfyNode):
     def execute(
         cls, model, predictor, mode: str, strength: float, start_percent: float, end_percent: float, keysteps: str = ""
     ) -> io.NodeOutput:
-        settings = comfy_patch.make_settings(
+        settings = make_settings(
             predictor.predictor, mode, keysteps, strength, start_percent, end_percent, node_id=node_id_of(cls)
         )
-        return io.NodeOutput(comfy_patch.patch_model(model, predictor, settings))
+        return io.NodeOutput(patch_model(model, predictor, settings))

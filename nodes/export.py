@@ -20,8 +20,11 @@ from safetensors.torch import save_file
 from .. import hyperalign
 from ..hyperalign.lora import Factors
 from ..hyperalign.targets import SD15
-from . import comfy_patch, sampling
+from . import sampling
+from .model_info import identify_model
 from .schema import CATEGORY, PredictorType
+from .settings import AlignSettings
+from .wrappers import patch_model
 
 
 def first_factors(model, loaded, positive, latent: dict, seed: int, strength: float) -> Factors:
@@ -31,10 +34,8 @@ def first_factors(model, loaded, positive, latent: dict, seed: int, strength: fl
     hypernetwork exactly as in a KSampler run.
     """
     captured = []
-    settings = comfy_patch.AlignSettings(mode="I", keysteps=(0.0,), strength=strength)
-    patched = comfy_patch.patch_model(
-        model, loaded, settings, on_prediction=[lambda f, call: captured.append(f)], to_ui=False
-    )
+    settings = AlignSettings(mode="I", keysteps=(0.0,), strength=strength)
+    patched = patch_model(model, loaded, settings, on_prediction=[lambda f, call: captured.append(f)], to_ui=False)
     sampling.sample_latent(patched, latent, seed, 1, 1.0, "euler", "simple", positive, positive)
     return captured[0]
 
@@ -128,7 +129,7 @@ class HyperAlignExportLoRA(io.ComfyNode):
         batch = latent_image["samples"].shape[0]
         if batch_index >= batch:
             raise ValueError(f"HyperAlign: batch_index {batch_index} is outside the latent batch of {batch}.")
-        family = comfy_patch.identify_model(model).family
+        family = identify_model(model).family
         factors = first_factors(model, predictor, positive, latent_image, seed, strength)
         state = lora_state_dict(predictor.predictor, family, factors, batch_index, strength)
         source = {

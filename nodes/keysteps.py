@@ -14,7 +14,8 @@ from comfy_api.v0_0_2 import io
 from PIL import Image, ImageDraw
 
 from ..hyperalign.schedule import discover_keysteps, format_keysteps
-from . import comfy_patch, sampling
+from . import sampling
+from .model_info import identify_model, progress_of_sigma
 from .schema import CATEGORY
 
 _SIZE = (640, 360)
@@ -109,7 +110,7 @@ class HyperAlignKeysteps(io.ComfyNode):
     def execute(
         cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, count
     ) -> io.NodeOutput:
-        family = comfy_patch.identify_model(model).family
+        family = identify_model(model).family
         sigmas = sampling.schedule(model, steps, sampler_name, scheduler)
         predictions, bar = [], comfy.utils.ProgressBar(len(sigmas) - 1)
 
@@ -121,7 +122,7 @@ class HyperAlignKeysteps(io.ComfyNode):
             model, latent_image, seed, steps, cfg, sampler_name, scheduler, positive, negative, callback=collect
         )
         model_sampling = model.get_model_object("model_sampling")
-        progress = comfy_patch.progress_of_sigma(model_sampling, sigmas[: len(predictions)], family).tolist()
+        progress = progress_of_sigma(model_sampling, sigmas[: len(predictions)], family).tolist()
         keysteps, curves = discover_keysteps(torch.stack(predictions), count, progress)
         text = format_keysteps(keysteps)
         plot = draw_plot(curves, _steps_of(keysteps, progress), len(predictions), text)

@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..hyperalign.io import load_predictor
-from .comfy_patch import LoadedPredictor
+from .predictor import LoadedPredictor
 from .schema import CATEGORY, FOLDER, PredictorType
 
 logger = logging.getLogger(__name__)

@@ -7,15 +7,17 @@ ComfyUI's own diffusers key maps (comfy.utils.unet_to_diffusers / flux_to_diffus
 
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from hyperalign.lora import LoRAState, hooked, resolve_modules
-from hyperalign.targets import FLUX, SD15, DiTArch, UNetArch, build_table
+from hyperalign.targets import FLUX, SD15, SDXL, DiTArch, UNetArch, XLUNetArch, build_table
 
 pytestmark = pytest.mark.comfy
+DETECTION = "nodes.model_info"  # the pack module that identifies a MODEL's family
 
 # comfy/model_detection.py's SD15 unet_config, written out
 SD15_UNET_CONFIG = {
@@ -35,6 +37,28 @@ SD15_UNET_CONFIG = {
     "context_dim": 768,
     "num_heads": 8,
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+# SDXL base as comfy/model_detection.py detects it
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
@@ -103,6 +127,11 @@ def sd15_unet(comfy):
 
 
 @pytest.fixture(scope="module")
+def sdxl_unet(comfy):
+    return build(comfy, comfy.supported_models.SDXL, SDXL_UNET_CONFIG, "meta")
+
+
+@pytest.fixture(scope="module")
 def flux_model(comfy):
     return build(comfy, comfy.supported_models.Flux, FLUX_CONFIG, "meta", torch.bfloat16)
 
@@ -134,6 +163,34 @@ def test_sd15_rows_exist_in_comfy_unet(sd15_unet):
         n for n, m in sd15_unet.named_modules() if isinstance(m, nn.Linear) and (".attn1." in n or ".attn2." in n)
     }
     assert {t.comfy for t in table.preset("attn")} == attention
+
+
+def test_sdxl_rows_exist_in_comfy_sdxl_unet(sdxl_unet):
+    table = build_table(SDXL)
+    assert type(sdxl_unet).__name__ == "UNetModel" and next(sdxl_unet.parameters()).is_meta
+    assert_rows_fit(sdxl_unet, table.rows)
+    attention = {
+        n for n, m in sdxl_unet.named_modules() if isinstance(m, nn.Linear) and (".attn1." in n or ".attn2." in n)
+    }
+    assert {t.comfy for t in table.preset("attn")} == attention
+
+
+def test_sdxl_rows_agree_with_unet_to_diffusers(comfy):
+    key_map = comfy.utils.unet_to_diffusers(dict(SDXL_UNET_CONFIG))
+    rows = build_table(SDXL).rows
+    for t in rows:
+        assert key_map[f"{t.id}.weight"] == f"{t.comfy}.weight", t.id
+    theirs = {k[: -len(".weight")] for k in key_map if k.endswith(".weight") and (".attn1." in k or ".attn2." in k)}
+    assert theirs == {t.id for t in rows}
+
+
+def test_sdxl_nodes_read_the_table_numbers_from_comfy_config(comfy, hyperalign_pack):
+    """The nodes' model detection turns ComfyUI's SDXL unet_config into the default SDXL architecture."""
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    model = SimpleNamespace(model=config.get_model({}, "", device=torch.device("meta")))
+    info = hyperalign_pack.submodule(DETECTION).identify_model(model)
+    assert (info.family, info.arch, info.feature_dim, info.context_dim) == (SDXL, XLUNetArch(), 1280, 2048)
 
 
 def test_flux_rows_exist_in_comfy_flux(flux_model):

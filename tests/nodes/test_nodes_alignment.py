@@ -9,8 +9,6 @@ copy's weights (fused FLUX layers: into their row slice). ComfyUI's own sampler 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from comfy_testlib import NEGATIVE_SEED, SCHEDULER, STEPS, apply, runs, sample
@@ -39,12 +37,15 @@ def test_identity_predictor_gives_bit_identical_latents(comfy, tiny, base_models
 class _Reference:
     """Per-sample merged-weight sampling; see the module docstring."""
 
-    def __init__(self, comfy, base_model, family, predictor_path, strength=1.0):
+    def __init__(self, comfy, tiny, base_model, family, predictor_path, strength=1.0):
         self.family = family
         self.pristine = base_model.model  # only ever run forward, never written
         self.predictor = hyperalign.load_predictor(predictor_path)
         self.scale = self.predictor.hypernet.cfg.scale * strength
-        copied = copy.deepcopy(base_model.model)
+        # a copy to merge into: a fresh model of the family with the base weights (ComfyUI 0.33's model config
+        # objects cannot be deep-copied)
+        copied = tiny.build_model(family).model
+        copied.load_state_dict(base_model.model.state_dict())
         self.modules = dict(copied.diffusion_model.named_modules())
         self.weights = {t.comfy: self.modules[t.comfy].weight.detach().clone() for t in self.predictor.targets}
         self.patcher = comfy.model_patcher.ModelPatcher(
@@ -153,7 +154,7 @@ def test_each_row_equals_its_own_merged_lora_reference(
     (run,) = runs(ui_events)
     assert [call["step"] for call in run["calls"]] == list(range(STEPS))
 
-    reference = _Reference(comfy, model, family, predictor_dir / name)
+    reference = _Reference(comfy, tiny, model, family, predictor_dir / name)
     noise = comfy.sample.prepare_noise(tiny.empty_latent(family, batch)["samples"], 0)
     positive, negative = tiny.conditioning(family, batch, 1), tiny.conditioning(family, 1, NEGATIVE_SEED)
     for b in range(batch):

@@ -8,6 +8,8 @@ when a step enters a new segment: steps 0, 3 and 5 of a full run. Split runs (KS
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 from comfy_testlib import apply
 
@@ -115,11 +117,20 @@ def test_summary_line_is_logged_once_per_run(comfy, tiny, base_models, predictor
     assert lines[0].startswith("HyperAlign: mode I: 1 hypernet call(s) at step(s) [0], ")
 
 
+def _with_unique_id(node_class, unique_id: str):
+    """The node class as the host's executor prepares it, with the hidden UNIQUE_ID set: ComfyUI 0.3.x passes
+    the hidden inputs to PREPARE_CLASS_CLONE, 0.33 a dict that holds them under "hidden_inputs"."""
+    hidden = {"UNIQUE_ID": unique_id}
+    if "v3_data" in inspect.signature(node_class.PREPARE_CLASS_CLONE).parameters:
+        return node_class.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    return node_class.PREPARE_CLASS_CLONE(hidden)
+
+
 @pytest.mark.comfy
 def test_node_id_reaches_the_ui(comfy, tiny, base_models, predictors, hyperalign_pack, ui_events):
     """The hidden UNIQUE_ID of the Apply node addresses the UI messages."""
     loader = hyperalign_pack.nodes["HyperAlignLoader"]
-    apply_node = hyperalign_pack.nodes["HyperAlignApply"].PREPARE_CLASS_CLONE({"UNIQUE_ID": "17"})
+    apply_node = _with_unique_id(hyperalign_pack.nodes["HyperAlignApply"], "17")
     predictor = loader.execute(predictor_name=predictors["sd15_a"]).args[0]
     patched = apply_node.execute(
         model=base_models["sd15"], predictor=predictor, mode="I", strength=1.0, start_percent=0.0, end_percent=1.0

@@ -7,8 +7,10 @@ is drawn here from a seeded generator.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import comfy.ldm.flux.model
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
@@ -52,6 +54,16 @@ FLUX_UNET_CONFIG = {
     "qkv_bias": True,
     "guidance_embed": True,
 }
+
+
+def host_flux_fields() -> dict:
+    """The FLUX.1 values of config fields this host's FluxParams requires beyond 0.3.x's: ComfyUI 0.33's
+    model_detection sets ``txt_ids_dims = []`` for FLUX.1 (FLUX.2 uses [3])."""
+    required = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in required else {}
+
+
+FLUX_UNET_CONFIG.update(host_flux_fields())
 
 # The same architectures in HyperAlign's terms (hyperalign.targets.UNetArch / DiTArch fields).
 SD15_ARCH = {
