@@ -81,6 +81,7 @@ class SDXLFamily(SD15Family):
         from .models import hub_kwargs
 
         unet = load_diffusers(UNet2DConditionModel, cfg, "unet", dtype).to(device)
+        xl_unet_arch(unet.config)  # refuse a UNet of another family before loading the rest
         vae = load_diffusers(AutoencoderKL, cfg, "vae", dtype).to(device)
         encoders = (
             load_transformers(CLIPTextModel, cfg, "text_encoder", dtype).to(device),

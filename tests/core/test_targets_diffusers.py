@@ -10,7 +10,7 @@ from diffusers import FluxTransformer2DModel, UNet2DConditionModel  # the [train
 from torch import nn
 
 from hyperalign.lora import LoRAState, hooked, resolve_modules
-from hyperalign.targets import FLUX, SD15, DiTArch, UNetArch, build_table
+from hyperalign.targets import FLUX, SD15, SDXL, DiTArch, UNetArch, XLUNetArch, build_table
 
 # The real SD1.5 UNet config (runwayml/stable-diffusion-v1-5 unet/config.json, the fields that shape it)
 SD15_CONFIG = dict(
@@ -23,6 +23,23 @@ SD15_CONFIG = dict(
     layers_per_block=2,
     cross_attention_dim=768,
     attention_head_dim=8,
+)
+# The real SDXL base UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the fields that shape it)
+SDXL_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
 )
 # The real FLUX.1 transformer config (black-forest-labs/FLUX.1-dev transformer/config.json)
 FLUX_CONFIG = dict(
@@ -72,6 +89,12 @@ def sd15_unet():
 
 
 @pytest.fixture(scope="module")
+def sdxl_unet():
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SDXL_CONFIG)
+
+
+@pytest.fixture(scope="module")
 def flux_transformer():
     with torch.device("meta"):
         return FluxTransformer2DModel(**FLUX_CONFIG)
@@ -105,6 +128,20 @@ def test_sd15_rows_are_the_unets_attention_linears(sd15_unet):
     assert_rows_are_linears(sd15_unet, table.rows)
     assert {t.id for t in table.preset("attn")} == linear_names(sd15_unet, is_sd_attention)
     assert {t.id for t in table.preset("cross_attn")} == linear_names(sd15_unet, lambda n: ".attn2." in n)
+
+
+def test_sdxl_rows_are_the_unets_attention_linears(sdxl_unet):
+    table = build_table(SDXL)
+    assert next(sdxl_unet.parameters()).is_meta
+    assert_rows_are_linears(sdxl_unet, table.rows)
+    assert {t.id for t in table.preset("attn")} == linear_names(sdxl_unet, is_sd_attention)
+    assert {t.id for t in table.preset("cross_attn")} == linear_names(sdxl_unet, lambda n: ".attn2." in n)
+
+
+def test_sdxl_trainer_reads_the_table_numbers_from_the_config(sdxl_unet):
+    from training.sdxl import xl_unet_arch
+
+    assert xl_unet_arch(sdxl_unet.config) == XLUNetArch()
 
 
 def test_flux_rows_are_the_transformers_linears(flux_transformer):

@@ -1,4 +1,4 @@
-"""Tiny SD1.5 and FLUX models in diffusers format, tiny preference data, and config helpers.
+"""Tiny SD1.5, SDXL and FLUX models in diffusers format, tiny preference data, and config helpers.
 
 The models are random and tiny (16x16 latents) but have the real architectures, so the trainer's
 loaders, hooks, perception encoders and objectives run their real code paths on CPU. The CLIP
@@ -75,8 +75,9 @@ def _write_clip_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def tiny_clip_text(hidden: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_clip_text(hidden: int = 32, projection: bool = False):
+    """A 2-layer CLIP text encoder; `projection`: with a text projection (CLIPTextModelWithProjection, SDXL's 2nd)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=49408,
@@ -90,7 +91,7 @@ def tiny_clip_text(hidden: int = 32):
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def tiny_vae(latent_channels: int, **extra):
@@ -147,6 +148,61 @@ def build_tiny_sd15(folder: Path) -> Path:
         prediction_type="epsilon",
     ).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+# A tiny UNet with SDXL's structure: no attention at the first level, deeper transformers further down and in the
+# middle, linear projections in the transformers, text_time conditioning (pooled text + six 256-wide size embeddings,
+# the width ComfyUI's SDXL hard-codes). Channels are multiples of 32 (ComfyUI's group norms), heads of 16 channels.
+TINY_SDXL_UNET = dict(
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    use_linear_projection=True,
+    cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=32 + 6 * 256,
+)
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+
+def build_tiny_sdxl(folder: Path) -> Path:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, **TINY_SDXL_UNET)
+    with torch.no_grad():  # as for SD1.5 (build_tiny_sd15)
+        unet.conv_norm_out.weight.mul_(10.0)
+    unet.save_pretrained(folder / "unet")
+    tiny_vae(4, scaling_factor=0.13025).save_pretrained(folder / "vae")
+    tiny_clip_text().save_pretrained(folder / "text_encoder")
+    tiny_clip_text(projection=True).save_pretrained(folder / "text_encoder_2")
+    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     return folder
 
 
@@ -211,6 +267,11 @@ def build_prefs(folder: Path, count: int = 6) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
     return build_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
 @pytest.fixture(scope="session")
