@@ -10,7 +10,7 @@ from hyperalign.config import HypernetConfig
 from training import config as config_mod
 from training.config import HypernetSection, load_config, parse_override
 
-PRESETS = ["training/configs/sd15.yaml", "training/configs/flux.yaml"]
+PRESETS = ["training/configs/sd15.yaml", "training/configs/flux.yaml", "training/configs/sdxl.yaml"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
