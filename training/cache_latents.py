@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from hyperalign.atomic import atomic_path, write_json
 
-from .train import cli, parse
+from .cli import cli, parse, print_check
 
 
 def _extra(p) -> None:
@@ -28,7 +28,7 @@ def _extra(p) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv, __doc__, _extra, prog="python -m training.cache_latents")
+    cfg, args = parse(argv, __doc__, "python -m training.cache_latents", _extra)
     from .data import cache_expectation, load_image, read_preferences, shard_name
     from .engine import make_accelerator, setup_logging
     from .models import DTYPES, encode_images, load_vae
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     check_model_source(cfg.model.path, "model.path", "model_index.json")
     if cfg.data.preference != "pickapic":
         require_path(cfg.data.path, "data.path", "preference data", "see training/README.md", kind="file")
+    if args.check:
+        return print_check(cfg, args)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator, cfg.run_dir)
     rows = read_preferences(cfg.data)

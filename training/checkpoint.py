@@ -179,9 +179,21 @@ def export_predictor(path: str, meta: PredictorMeta, model_state: dict, dtype: t
     return save_predictor(path, Predictor(meta, table, targets, hypernet), dtype=dtype)
 
 
-def export_checkpoint(checkpoint: str, out: str, dtype: torch.dtype | None = None) -> str:
+def checkpoint_meta(checkpoint: str) -> PredictorMeta:
+    """The predictor header a checkpoint would export (validated), with its step count; reads no weights."""
+    for name in ("predictor_meta.json", "state.json", "hypernet.safetensors"):
+        if not os.path.isfile(os.path.join(checkpoint, name)):
+            raise FileNotFoundError(
+                f"HyperAlign: checkpoint {checkpoint!r} has no {name}. HINT: pick a complete ckpt/step_* folder "
+                "(an interrupted save leaves only a .tmp-step_* folder)."
+            )
     with open(os.path.join(checkpoint, "predictor_meta.json"), encoding="utf-8") as handle:
         meta = PredictorMeta.from_dict(json.load(handle))
     with open(os.path.join(checkpoint, "state.json"), encoding="utf-8") as handle:
         meta.provenance = dict(meta.provenance, steps=json.load(handle)["step"])
+    return meta
+
+
+def export_checkpoint(checkpoint: str, out: str, dtype: torch.dtype | None = None) -> str:
+    meta = checkpoint_meta(checkpoint)
     return export_predictor(out, meta, load_file(os.path.join(checkpoint, "hypernet.safetensors")), dtype)

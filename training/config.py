@@ -394,13 +394,21 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
 
 
 def check_files(cfg: TrainConfig, purpose: str = "train") -> None:
-    """Refuse missing files and folders, naming the config key, before any model loads."""
+    """Refuse missing files and folders, naming the config key, before any model loads.
+
+    `purpose`: what reads them: "train", "eval" (training.evaluate) or "keysteps" (training.keysteps: the model and
+    the prompts, which come from data.prompts or else the preference data's captions)."""
     check_model_source(cfg.model.path, "model.path", "model_index.json")
     if purpose == "eval":
         require_path(cfg.eval.prompts, "eval.prompts", "evaluation prompt file", "one prompt per line", kind="file")
         for i, spec in enumerate(cfg.eval.metrics):
             check_spec(spec, f"eval.metrics[{i}]")
         return
+    if purpose == "keysteps" and cfg.data.prompts:
+        require_path(cfg.data.prompts, "data.prompts", "prompt file", "one prompt per line", kind="file")
+        return
+    if purpose == "keysteps" and cfg.data.preference == "none":
+        raise ValueError("HyperAlign: no prompts to sample: set data.prompts to a text file (one prompt per line).")
     d = cfg.data
     if d.preference != "none":
         kind = "file" if d.preference in ("local", "hpdv2") else "any"
@@ -429,6 +437,8 @@ def check_files(cfg: TrainConfig, purpose: str = "train") -> None:
             "run python -m training.cache_latents --config <same config> first",
             kind="dir",
         )
+    if purpose == "keysteps":
+        return
     for i, spec in enumerate(cfg.rewards):
         check_spec(spec, f"rewards[{i}]")
     if cfg.objective.mode == "P" and cfg.objective.keysteps is None:

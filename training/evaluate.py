@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .train import cli, parse
+from .cli import cli, parse, print_check
 
 logger = logging.getLogger("training")
 
@@ -141,7 +141,7 @@ def markdown(results: dict) -> str:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv, __doc__, _extra, prog="python -m training.evaluate")
+    cfg, args = parse(argv, __doc__, "python -m training.evaluate", _extra)
     from hyperalign.atomic import write_json, write_text
     from hyperalign.io import load_predictor
 
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     require_path(args.predictor, "--predictor", "predictor file", "pass a .safetensors exported by training", "file")
     check_files(cfg, purpose="eval")
+    if args.check:
+        return print_check(cfg, args)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator, cfg.run_dir)
     device = accelerator.device

@@ -20,7 +20,8 @@ import torch
 from hyperalign.atomic import write_json
 from hyperalign.schedule import discover_keysteps
 
-from .train import cli, parse
+from .cli import cli, parse, print_check
+from .config import check_files
 
 
 def _extra(p) -> None:
@@ -50,13 +51,14 @@ def base_x0_curves(
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv, __doc__, _extra, prog="python -m training.keysteps")
+    cfg, args = parse(argv, __doc__, "python -m training.keysteps", _extra)
+    check_files(cfg, purpose="keysteps")
+    if args.check:
+        return print_check(cfg, args)
     from .data import read_preferences, read_prompts
     from .engine import make_accelerator, setup_logging
     from .models import load_family
-    from .paths import check_model_source
 
-    check_model_source(cfg.model.path, "model.path", "model_index.json")
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator, cfg.run_dir)
     out = args.out or cfg.keysteps_path

@@ -20,59 +20,21 @@ rewards.0.weight=2.0``; unknown keys and missing files are refused before any mo
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 from hyperalign.atomic import write_json
 
-from .config import check_files, load_config
+from .cli import cli, print_check
+from .cli import parse as parse_command_line
+from .config import check_files
+
+PROG = "python -m training.train"
 
 
-def parser(description: str = __doc__, prog: str = "python -m training.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", help="YAML preset, e.g. training/configs/sd15.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value (Python literals)")
-    p.add_argument("--resume", help="'latest' or a checkpoint folder (same as run.resume=...)")
-    p.add_argument("--check", action="store_true", help="validate the config and files, print it, and exit")
-    return p
-
-
-def parse(argv: list[str] | None, description: str = __doc__, extra=None, prog: str = "python -m training.train"):
-    """Config + the parsed arguments. `--key.sub=value` is accepted as an override too.
-
-    Options and overrides may come in any order (`--config a.yaml x=1 --predictor p.safetensors y=2`).
-    """
-    p = parser(description, prog)
-    if extra:
-        extra(p)
-    args, unknown = p.parse_known_intermixed_args(argv)
-    stray = [u for u in unknown if not (u.startswith("--") and "=" in u)]
-    if stray:
-        p.error(f"unrecognised arguments: {' '.join(stray)}")
-    overrides = list(args.overrides) + [u[2:] for u in unknown]
-    if args.resume:
-        overrides.append(f"run.resume={args.resume!r}")
-    return load_config(args.config, overrides), args
-
-
-def cli(entry):
-    """Run `entry(argv)`; a HyperAlign error (bad config, missing file) prints as one message, exit status 2."""
-
-    def run(argv: list[str] | None = None) -> int:
-        try:
-            return entry(argv)
-        except (ValueError, FileNotFoundError, ImportError) as err:
-            if not str(err).startswith("HyperAlign:"):
-                raise
-            print(err, file=sys.stderr)
-            return 2
-
-    run.__doc__ = entry.__doc__
-    return run
+def parse(argv: list[str] | None):
+    """The trainer's config and arguments from its command line (also used by tools that run the trainer)."""
+    return parse_command_line(argv, __doc__, PROG, resume=True)
 
 
 @cli
@@ -80,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse(argv)
     check_files(cfg)
     if args.check:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
+        return print_check(cfg, args)
     from .engine import build, close_logging, flat_config, make_accelerator, setup_logging
     from .loop import train
 

@@ -161,11 +161,11 @@ def test_offline_hub_id_not_in_cache_is_refused(monkeypatch):
 
 
 def test_options_and_overrides_may_interleave():
+    from training.cli import parse
     from training.evaluate import _extra
-    from training.train import parse
 
     argv = ["--config", PRESETS[0], "optim.lr=0.5", "--predictor", "p.safetensors", "optim.max_steps=7", "--check"]
-    cfg, args = parse(argv, extra=_extra, prog="python -m training.evaluate")
+    cfg, args = parse(argv, "", "python -m training.evaluate", _extra)
     assert (cfg.optim.lr, cfg.optim.max_steps, args.predictor, args.check) == (0.5, 7, "p.safetensors", True)
 
 
