@@ -69,5 +69,11 @@ class LoadedPredictor:
             load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device(),
         )
-        patcher.cached_patcher_init = (refuse_device_copy, ())  # clones carry it (ComfyUI 0.2x and later)
         return cls(predictor, patcher)
+
+    def clone_for_model(self) -> comfy.model_patcher.ModelPatcher:
+        """A clone of the patcher for one patched MODEL's additional models, carrying the MultiGPU refusal
+        where ComfyUI looks for a per-device factory (set on each clone: ComfyUI 0.3.x clones drop it)."""
+        patcher = self.patcher.clone()
+        patcher.cached_patcher_init = (refuse_device_copy, ())
+        return patcher

@@ -190,7 +190,7 @@ def patch_model(model, loaded: LoadedPredictor, settings: AlignSettings, on_pred
     refuse_multigpu(model)
     alignment = Alignment(predictor, info.family, settings, list(on_prediction), to_ui)
     patched = model.clone()
-    patched.set_additional_models(KEY, patched.get_additional_models_with_key(KEY) + [loaded.patcher.clone()])
+    patched.set_additional_models(KEY, patched.get_additional_models_with_key(KEY) + [loaded.clone_for_model()])
     wrappers = comfy.patcher_extension.WrappersMP
     patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, KEY, partial(outer_sample, alignment))
     patched.add_wrapper_with_key(wrappers.CALC_COND_BATCH, KEY, partial(calc_cond_batch, alignment))
