@@ -1,5 +1,6 @@
 // The keystep schedule rules of hyperalign/schedule.py, in JavaScript: parse_keysteps,
-// validate_keysteps, format_keysteps, segment_of and plan. The timeline on HyperAlignApply must mark
+// validate_keysteps, format_keysteps, segment_of, and plan (AlignRun.needs_prediction in
+// hyperalign/runtime.py, step by step over a first-order run). The timeline on HyperAlignApply must mark
 // exactly the steps the Python run predicts at; tests/browser/test_logic_parity.py checks both
 // sides on the same cases. No DOM and no ComfyUI imports (node --test imports it).
 
@@ -103,7 +104,7 @@ export function segmentOf(progress, keysteps) {
   return segment;
 }
 
-/** schedule.plan: for each step (its progress at the step's start), whether the hypernet runs there. */
+/** AlignRun's S/I/P rule: for each step (its progress at the step's start), whether the hypernet runs there. */
 export function plan(mode, keysteps, progress) {
   if (!MODES.includes(mode)) throw new Error(`HyperAlign: unknown mode '${mode}'; expected one of S, I, P.`);
   let lastSegment = null;
