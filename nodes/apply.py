@@ -22,7 +22,7 @@ class HyperAlignApply(io.ComfyNode):
             description="Patch a MODEL so the predictor generates per-sample LoRA weights during sampling.",
             is_experimental=True,
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 or FLUX.1 model to align; it is cloned, never changed."),
+                io.Model.Input("model", tooltip="The SD1.5, SDXL or FLUX.1 model to align; it is cloned, not changed."),
                 PredictorType.Input("predictor", tooltip="A predictor from HyperAlign Loader, made for this model."),
                 io.Combo.Input(
                     "mode",

@@ -7,6 +7,8 @@ captures that module's output and stops the pass there.
 
 - SD1.5: time embedding, every input block and the middle block, on the DDPM-scale latent with the
   prompt embedding; the middle block's output (b, c_mid, h/8, w/8) is the feature map.
+- SDXL: the same, with SDXL's ``y`` (pooled text and size/crop embeddings) added to the time embedding, as
+  the positive conditioning carries it; the middle block's output is (b, 1280, h/4, w/4).
 - FLUX: img/txt/time/vector/guidance embedders, rope and the first ``encoder_blocks`` double blocks;
   their image tokens (b, n, hidden) are laid back on the patch grid (b, hidden, h/2, w/2).
 Either map is pooled by :func:`hyperalign.hypernet.feature_tokens`, as the trainer does.
@@ -19,7 +21,8 @@ import torch
 
 from ..hyperalign.config import HypernetConfig
 from ..hyperalign.hypernet import feature_tokens
-from ..hyperalign.targets import SD15
+from ..hyperalign.targets import FLUX
+from .model_info import UNET_FAMILIES
 
 
 class _EncoderDone(Exception):
@@ -42,9 +45,9 @@ def positive_conditioning(conds, batch: int) -> dict:
 
 def _encoder_site(diffusion_model: torch.nn.Module, family: str, cfg: HypernetConfig):
     """The module whose output ends the perception encoder, and how to take the features from it."""
-    if family == SD15:
+    if family in UNET_FAMILIES:
         if getattr(diffusion_model, "middle_block", None) is None:
-            raise ValueError("HyperAlign: this UNet has no middle block, so the SD1.5 perception encoder cannot run.")
+            raise ValueError(f"HyperAlign: this UNet has no middle block, where the {family} perception encoder ends.")
         return diffusion_model.middle_block[-1], lambda output: output
     if cfg.encoder_blocks == 0:
         return diffusion_model.img_in, lambda output: output
@@ -80,16 +83,16 @@ def perception_features(base_model, family: str, cfg: HypernetConfig, x, sigma, 
     if not captured:
         raise RuntimeError("HyperAlign: the model's forward pass never reached the perception encoder's last block.")
     feature_map = captured[0]
-    if family != SD15:
+    if family == FLUX:
         feature_map = _tokens_to_grid(feature_map, x, diffusion_model.patch_size)
     return feature_tokens(feature_map, cfg.feature_grid)
 
 
 def prompt_context(family: str, cfg: HypernetConfig, conditioning: dict) -> torch.Tensor | None:
-    """The hypernet's prompt input: SD1.5 the cond embedding (b, L, d); FLUX the pooled CLIP vector (b, 1, d)."""
+    """The hypernet's prompt input: SD1.5/SDXL the cond embedding (b, L, d); FLUX the pooled CLIP vector (b, 1, d)."""
     if not cfg.context_dim:
         return None
-    if family == SD15:
+    if family in UNET_FAMILIES:
         context = conditioning.get("c_crossattn")
     else:
         pooled = conditioning.get("y")
@@ -97,7 +100,7 @@ def prompt_context(family: str, cfg: HypernetConfig, conditioning: dict) -> torc
     if context is None:
         raise ValueError(
             "HyperAlign: the positive conditioning has no "
-            f"{'prompt embedding' if family == SD15 else 'pooled CLIP vector (y)'}. "
+            f"{'prompt embedding' if family in UNET_FAMILIES else 'pooled CLIP vector (y)'}. "
             "HINT: encode the prompt with the model's own text encoder node."
         )
     if context.shape[-1] != cfg.context_dim:

@@ -1,7 +1,7 @@
 """HyperAlignExportLoRA: one I-mode prediction, saved as a standard LoRA file any LoRA loader reads.
 
 An I-mode prediction is static for the whole run, so it *is* an ordinary LoRA: ``alpha / rank *
-up @ down`` per layer. SD1.5 files use kohya keys (``lora_unet_<diffusers path>.lora_down.weight``),
+up @ down`` per layer. SD1.5 and SDXL files use kohya keys (``lora_unet_<diffusers path>.lora_down.weight``),
 FLUX files diffusers keys (``transformer.<diffusers path>.lora_A.weight``); ComfyUI's LoraLoader maps
 both, including the slices of FLUX's fused qkv / linear1 layers.
 """
@@ -19,9 +19,8 @@ from safetensors.torch import save_file
 
 from .. import hyperalign
 from ..hyperalign.lora import Factors
-from ..hyperalign.targets import SD15
 from . import sampling
-from .model_info import identify_model
+from .model_info import UNET_FAMILIES, identify_model
 from .schema import CATEGORY, PredictorType
 from .settings import AlignSettings
 from .wrappers import patch_model
@@ -47,7 +46,7 @@ def lora_state_dict(predictor, family: str, factors: Factors, index: int, streng
         down, up = factors[target.id]
         down = down[index].detach().float().cpu().contiguous()  # (r, i)
         up = (up[index].detach().float() * strength).cpu().contiguous()  # (o, r)
-        if family == SD15:
+        if family in UNET_FAMILIES:
             key, names = "lora_unet_" + target.id.replace(".", "_"), ("lora_down", "lora_up")
         else:
             key, names = "transformer." + target.id, ("lora_A", "lora_B")

@@ -76,7 +76,7 @@ class HyperAlignKeysteps(io.ComfyNode):
             is_experimental=True,
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 or FLUX.1 model whose base trajectory is analysed."),
+                io.Model.Input("model", tooltip="The SD1.5, SDXL or FLUX.1 model whose base trajectory is analysed."),
                 io.Conditioning.Input("positive", tooltip="The prompt to sample with."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (used when cfg > 1)."),
                 io.Latent.Input("latent_image", tooltip="The latent to start from, e.g. an Empty Latent Image."),

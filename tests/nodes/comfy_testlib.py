@@ -13,9 +13,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_HYPERNET = {
     "sd15": {"feature_dim": 64, "context_dim": 64},
     "flux": {"feature_dim": 64, "context_dim": 32, "encoder_blocks": 1},
+    "sdxl": {"feature_dim": 64, "context_dim": 64},
 }
 HYPERNET_SHAPE = {"dim": 32, "depth": 1, "heads": 2, "rank": 4, "alpha": 4.0, "basis": 8, "feature_grid": 2}
-SCHEDULER = {"sd15": "normal", "flux": "simple"}
+SCHEDULER = {"sd15": "normal", "flux": "simple", "sdxl": "normal"}
 STEPS = 4
 NEGATIVE_SEED = 99
 
@@ -25,7 +26,7 @@ def build_predictor(
 ):
     """A tiny predictor; seed None = untrained (exact identity), else every up-head randomised."""
     cfg = HypernetConfig(**TINY_HYPERNET[family], **HYPERNET_SHAPE)
-    arch = arch or (tiny.SD15_ARCH if family == "sd15" else tiny.FLUX_ARCH)
+    arch = arch or getattr(tiny, f"{family.upper()}_ARCH")
     predictor = hyperalign.new_predictor(family, cfg, arch, mode=mode, keysteps=keysteps)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)

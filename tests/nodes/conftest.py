@@ -31,7 +31,7 @@ def tiny(comfy_host):
 @pytest.fixture(scope="session")
 def base_models(tiny):
     """One tiny model per family, shared: tests must leave them exactly as they found them."""
-    return {family: tiny.build_model(family, seed=0) for family in ("sd15", "flux")}
+    return {family: tiny.build_model(family, seed=0) for family in ("sd15", "flux", "sdxl")}
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def predictor_dir(comfy_host, hyperalign_pack, tmp_path_factory):
 def predictors(tiny, predictor_dir):
     """File names of the standard predictors: <family>_identity, <family>_a, <family>_b."""
     names = {}
-    for family in ("sd15", "flux"):
+    for family in ("sd15", "flux", "sdxl"):
         for tag, seed in (("identity", None), ("a", 1), ("b", 2)):
             name = f"{family}_{tag}.safetensors"
             hyperalign.save_predictor(predictor_dir / name, build_predictor(tiny, family, seed))

@@ -16,11 +16,14 @@ from comfy_testlib import NEGATIVE_SEED, SCHEDULER, STEPS, apply, runs, sample
 import hyperalign
 from hyperalign.hypernet import feature_tokens
 
+FAMILIES = ["sd15", "flux", "sdxl"]
+UNETS = ("sd15", "sdxl")  # UNet families: DDPM time, middle-block features, text tokens as the prompt
+
 # ------------------------------------------------------------------------------ identity and basics
 
 
 @pytest.mark.comfy
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_identity_predictor_gives_bit_identical_latents(comfy, tiny, base_models, predictors, node, ui_events, family):
     model = base_models[family]
     patched = apply(node, model, predictors[f"{family}_identity"])
@@ -57,7 +60,8 @@ class _Reference:
     def _features(self, x, sigma, context, kwargs):
         dm, ms = self.pristine.diffusion_model, self.pristine.model_sampling
         cfg = self.predictor.hypernet.cfg
-        site = dm.middle_block[-1] if self.family == "sd15" else dm.double_blocks[cfg.encoder_blocks - 1]
+        unet = self.family in UNETS
+        site = dm.middle_block[-1] if unet else dm.double_blocks[cfg.encoder_blocks - 1]
         seen = []
         handle = site.register_forward_hook(
             lambda module, args, out: seen.append(out[0].clone() if isinstance(out, tuple) else out.clone())
@@ -65,13 +69,13 @@ class _Reference:
         try:
             with torch.no_grad():
                 timestep = ms.timestep(sigma).float()
-                if self.family == "sd15":
-                    dm(ms.calculate_input(sigma, x), timestep, context=context)
+                if unet:  # SDXL's pooled text and size embeddings (y) as the sampler computed them
+                    dm(ms.calculate_input(sigma, x), timestep, context=context, y=kwargs.get("y"))
                 else:
                     dm(x, timestep, context, y=kwargs["y"], guidance=kwargs["guidance"])
         finally:
             handle.remove()
-        if self.family == "sd15":
+        if unet:
             return feature_tokens(seen[0], cfg.feature_grid)
         tokens = seen[0]  # (1, n, hidden) image stream (blocks update it in place: cloned)
         rows, cols = x.shape[-2] // 2, x.shape[-1] // 2
@@ -80,8 +84,8 @@ class _Reference:
 
     def _predict(self, x, sigma, context, kwargs):
         t = self.pristine.model_sampling.timestep(sigma).float()
-        progress = 1.0 - (t / 999.0 if self.family == "sd15" else t)
-        prompt = context if self.family == "sd15" else kwargs["y"][:, None, :]
+        progress = 1.0 - (t / 999.0 if self.family in UNETS else t)
+        prompt = context if self.family in UNETS else kwargs["y"][:, None, :]
         with torch.no_grad():
             return self.predictor.hypernet(self._features(x, sigma, context, kwargs), progress, prompt)
 
@@ -142,7 +146,7 @@ CASES = [  # (cfg, batch, sampler): each of CFG on/off, batch 1/3, first/second 
 
 @pytest.mark.comfy
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("cfg", "batch", "sampler"), CASES)
 def test_each_row_equals_its_own_merged_lora_reference(
     comfy, tiny, base_models, predictors, predictor_dir, node, ui_events, family, cfg, batch, sampler

@@ -13,10 +13,10 @@ from safetensors import safe_open
 import hyperalign
 
 
-def _keysteps(node, tiny, model, count=3, steps=8):
+def _keysteps(node, tiny, model, count=3, steps=8, family="sd15"):
     return node(
-        "HyperAlignKeysteps", model=model, positive=tiny.conditioning("sd15", 1, 1),
-        negative=tiny.conditioning("sd15", 1, 99), latent_image=tiny.empty_latent("sd15", 1), seed=0, steps=steps,
+        "HyperAlignKeysteps", model=model, positive=tiny.conditioning(family, 1, 1),
+        negative=tiny.conditioning(family, 1, 99), latent_image=tiny.empty_latent(family, 1), seed=0, steps=steps,
         cfg=5.0, sampler_name="euler", scheduler="normal", count=count,
     )  # fmt: skip
 
@@ -61,7 +61,7 @@ def test_keysteps_refuses_unsupported_models(comfy, tiny, node):
     model = comfy.model_patcher.ModelPatcher(
         comfy.supported_models.SD20(unet).get_model({}, "", device=torch.device("meta")), "cpu", "cpu"
     )
-    with pytest.raises(ValueError, match="SD1.5 and FLUX.1 models only"):
+    with pytest.raises(ValueError, match="SD1.5, SDXL and FLUX.1 models only"):
         _keysteps(node, tiny, model)
 
 
@@ -74,7 +74,7 @@ def _export(node, tiny, model, family, loaded, batch, index, strength=1.0, prefi
 
 
 @pytest.mark.comfy
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "flux", "sdxl"])
 def test_exported_lora_in_loraloader_equals_the_i_mode_run(comfy, tiny, base_models, predictors, node, family):
     model = base_models[family]
     loaded = node("HyperAlignLoader", predictor_name=predictors[f"{family}_a"]).args[0]

@@ -143,7 +143,7 @@ def test_apply_refuses_other_model_families(comfy, base_models, predictors, node
     with pytest.raises(
         ValueError,
         match="HyperAlign: the connected MODEL is a SD20 model; HyperAlign predictors exist "
-        "for SD1.5 and FLUX.1 models only",
+        "for SD1.5, SDXL and FLUX.1 models only",
     ):
         _apply(node, model, loaded)
 

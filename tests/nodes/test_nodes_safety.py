@@ -62,14 +62,16 @@ def _boom():
 
 
 @pytest.mark.comfy
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("failure", ["none", "exception", "interrupt_in_call", "interrupt_from_callback"])
-def test_input_model_is_exactly_as_before(comfy, tiny, fresh_sd15, predictors, node, ui_events, failure):
-    before = _snapshot(fresh_sd15)
-    patched = apply(node, fresh_sd15, predictors["sd15_a"])
-    _assert_unchanged(fresh_sd15, before)  # Apply itself only cloned
-    first = sample(comfy, tiny, patched, "sd15", 2)
-    positive, negative = tiny.conditioning("sd15", 2, 1), tiny.conditioning("sd15", 1, 99)
-    latent = tiny.empty_latent("sd15", 2)["samples"]
+def test_input_model_is_exactly_as_before(comfy, tiny, predictors, node, ui_events, failure, family):
+    fresh = tiny.build_model(family, seed=0)  # a model of its own (see fresh_sd15)
+    before = _snapshot(fresh)
+    patched = apply(node, fresh, predictors[f"{family}_a"])
+    _assert_unchanged(fresh, before)  # Apply itself only cloned
+    first = sample(comfy, tiny, patched, family, 2)
+    positive, negative = tiny.conditioning(family, 2, 1), tiny.conditioning(family, 1, 99)
+    latent = tiny.empty_latent(family, 2)["samples"]
     noise = comfy.sample.prepare_noise(latent, 0)
     failing, callback, expected = patched, None, None
     if failure in ("exception", "interrupt_in_call"):
@@ -105,11 +107,11 @@ def test_input_model_is_exactly_as_before(comfy, tiny, fresh_sd15, predictors, n
                 )
     finally:
         comfy.mm.interrupt_current_processing(False)
-    _assert_unchanged(fresh_sd15, before)
+    _assert_unchanged(fresh, before)
     reports = [data for event, data in ui_events if event == "hyperalign.run"]
     assert len(reports) == 2  # the failed run was torn down and reported too
     # and the patched model samples exactly as before: no state survived the failed run
-    assert torch.equal(sample(comfy, tiny, patched, "sd15", 2), first)
+    assert torch.equal(sample(comfy, tiny, patched, family, 2), first)
 
 
 @pytest.mark.comfy

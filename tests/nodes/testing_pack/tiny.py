@@ -1,4 +1,4 @@
-"""Tiny random SD1.5 and FLUX models built with the host ComfyUI's own classes (test-only).
+"""Tiny random SD1.5, SDXL and FLUX models built with the host ComfyUI's own classes (test-only).
 
 Shared by the in-process tests and by the test node pack the HTTP server loads, so both see the
 same architectures. ComfyUI's ops leave parameters uninitialised (`torch.empty`), so every weight
@@ -65,6 +65,22 @@ def host_flux_fields() -> dict:
 
 FLUX_UNET_CONFIG.update(host_flux_fields())
 
+# SDXL's structure, tiny: no attention at the first level, transformer depth 1 then 2 and 2 in the middle, linear
+# projections, heads of 16 channels, and `y` = pooled text (32) + six 256-wide size embeddings (ComfyUI's width)
+SDXL_UNET_CONFIG = dict(
+    SD15_UNET_CONFIG,
+    num_classes="sequential",
+    adm_in_channels=32 + 6 * 256,
+    num_res_blocks=[1, 1, 1],
+    channel_mult=[1, 2, 2],
+    transformer_depth=[0, 1, 2],
+    transformer_depth_middle=2,
+    transformer_depth_output=[0, 0, 1, 1, 2, 2],
+    use_linear_in_transformer=True,
+    num_heads=-1,
+    num_head_channels=16,
+)
+
 # The same architectures in HyperAlign's terms (hyperalign.targets.UNetArch / DiTArch fields).
 SD15_ARCH = {
     "block_channels": [32, 64],
@@ -75,9 +91,17 @@ SD15_ARCH = {
     "mid_attention": True,
 }
 FLUX_ARCH = {"hidden_size": 64, "depth": 2, "depth_single_blocks": 1, "mlp_ratio": 4.0}
+SDXL_ARCH = {
+    "block_channels": [32, 64, 64],
+    "transformer_depths": [0, 1, 2],
+    "mid_depth": 2,
+    "layers_per_block": 1,
+    "context_dim": 64,
+}
 
 # Latent and conditioning shapes per family: (latent channels, context width, pooled width).
-SHAPES = {"sd15": (4, 64, None), "flux": (16, 64, 32)}
+SHAPES = {"sd15": (4, 64, None), "flux": (16, 64, 32), "sdxl": (4, 64, 32)}
+CONFIGS = {"sd15": "SD15", "flux": "Flux", "sdxl": "SDXL"}  # family -> comfy.supported_models class
 
 
 def _initialise(module: torch.nn.Module, seed: int) -> None:
@@ -94,13 +118,11 @@ def _initialise(module: torch.nn.Module, seed: int) -> None:
 
 
 def build_model(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A fresh fp32 CPU ModelPatcher around a tiny random model of `family` ("sd15" or "flux")."""
-    if family == "sd15":
-        config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
-    elif family == "flux":
-        config = comfy.supported_models.Flux(dict(FLUX_UNET_CONFIG))
-    else:
+    """A fresh fp32 CPU ModelPatcher around a tiny random model of `family` ("sd15", "sdxl" or "flux")."""
+    if family not in CONFIGS:
         raise ValueError(f"unknown family {family!r}")
+    unet_config = {"sd15": SD15_UNET_CONFIG, "flux": FLUX_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}[family]
+    config = getattr(comfy.supported_models, CONFIGS[family])(dict(unet_config))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "", device=torch.device("cpu"))
     _initialise(model.diffusion_model, seed)
