@@ -23,9 +23,10 @@ from hyperalign.io import Predictor, new_predictor
 from hyperalign.schedule import validate_keysteps
 
 from . import data as data_mod
+from .adapters import load_adapter
 from .checkpoint import load_checkpoint, resolve_resume
 from .config import TrainConfig
-from .models import DTYPES, Family, Schedule, load_family
+from .models import DTYPES, FamilyAdapter, Schedule
 from .rewards import RewardSet
 
 logger = logging.getLogger("training")
@@ -35,7 +36,7 @@ logger = logging.getLogger("training")
 class Trainer:
     cfg: TrainConfig
     accelerator: object
-    family: Family
+    adapter: FamilyAdapter
     predictor: Predictor  # header + the (unwrapped) hypernet; exported as the predictor file
     hypernet: torch.nn.Module  # the prepared (DDP/FSDP) hypernet
     hcfg: object
@@ -49,6 +50,11 @@ class Trainer:
     step: int = 0  # completed optimizer steps
     consumed: dict = field(default_factory=dict)  # samples consumed per stream before `start_step`
     start_step: int = 0
+
+    @property
+    def family(self) -> FamilyAdapter:
+        """Transition only: training/loop.py and training/toy/table.py still read `tr.family`; use `tr.adapter`."""
+        return self.adapter
 
     @property
     def global_batch(self) -> int:
@@ -159,35 +165,35 @@ def lr_lambda(optim):
     return factor
 
 
-def shard_base(family: Family) -> None:
+def shard_base(adapter: FamilyAdapter) -> None:
     """FSDP2-shard each block of the frozen denoiser; embedders and heads stay whole (the encoder calls them)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = family.denoiser
-    if family.name == "flux":
+    model = adapter.denoiser
+    if adapter.name == "flux":
         blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     else:
         blocks = list(model.down_blocks) + [model.mid_block] + list(model.up_blocks)
     for block in blocks:
         fully_shard(block, reshard_after_forward=True)
-    logger.info("sharded %d frozen %s blocks across ranks (FSDP2)", len(blocks), family.name)
+    logger.info("sharded %d frozen %s blocks across ranks (FSDP2)", len(blocks), adapter.name)
 
 
 def build(cfg: TrainConfig, accelerator, with_data: bool = True) -> Trainer:
     """Everything a run needs, resumed from a checkpoint when run.resume says so."""
     device = accelerator.device
-    family = load_family(cfg.model, device)
+    adapter = load_adapter(cfg.model, device)
     from accelerate.utils import DistributedType
 
     if accelerator.num_processes > 1 and (cfg.model.shard_base or accelerator.distributed_type == DistributedType.FSDP):
-        shard_base(family)
-    hcfg = cfg.hypernet.resolve(family.feature_dim, family.context_dim)
+        shard_base(adapter)
+    hcfg = cfg.hypernet.resolve(adapter.feature_dim, adapter.context_dim)
     keysteps = resolve_keysteps(cfg)
     torch.manual_seed(cfg.run.seed)  # the same initial hypernet on every rank
     predictor = new_predictor(
-        family.name, hcfg, family.arch, cfg.model.targets, cfg.objective.mode, keysteps, provenance(cfg)
+        adapter.name, hcfg, adapter.arch, cfg.model.targets, cfg.objective.mode, keysteps, provenance(cfg)
     )
-    family.attach(predictor.targets, hcfg.scale)
+    adapter.attach(predictor.targets, hcfg.scale)
     model = predictor.hypernet.to(device).train()
     o = cfg.optim
     optimizer = torch.optim.AdamW(
@@ -200,14 +206,14 @@ def build(cfg: TrainConfig, accelerator, with_data: bool = True) -> Trainer:
     trainer = Trainer(
         cfg,
         accelerator,
-        family,
+        adapter,
         predictor,
         hypernet,
         hcfg,
         optimizer,
         scheduler,
         rewards,
-        family.schedule(cfg.sampling.num_steps),
+        adapter.schedule(cfg.sampling.num_steps),
         keysteps,
     )
     checkpoint = resolve_resume(cfg.run_dir, cfg.run.resume)

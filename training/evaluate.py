@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     from hyperalign.atomic import write_json, write_text
     from hyperalign.io import load_predictor
 
+    from .adapters import load_adapter
     from .config import check_files
     from .data import read_prompts
     from .engine import make_accelerator, setup_logging
-    from .models import DTYPES, load_family
+    from .models import DTYPES
     from .paths import require_path
     from .rewards import RewardSet
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator, cfg.run_dir)
     device = accelerator.device
-    family = load_family(cfg.model, device)
+    family = load_adapter(cfg.model, device)
     predictor = load_predictor(args.predictor, device)
     if predictor.meta.family != family.name:
         raise ValueError(

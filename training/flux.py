@@ -14,7 +14,7 @@ from hyperalign.hypernet import feature_tokens
 from hyperalign.schedule import progress_of_timestep
 from hyperalign.targets import FLUX, DiTArch
 
-from .models import Cond, Family, Schedule, load_diffusers, load_transformers
+from .models import Cond, FamilyAdapter, Schedule, load_diffusers, load_transformers
 
 
 def dit_arch(transformer) -> DiTArch:
@@ -50,7 +50,7 @@ def image_ids(h: int, w: int, device) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-class FluxFamily(Family):
+class FluxAdapter(FamilyAdapter):
     name = FLUX
 
     def __init__(self, cfg, device, dtype, transformer, vae, clip, clip_tokenizer, t5, t5_tokenizer, scheduler):
@@ -64,7 +64,7 @@ class FluxFamily(Family):
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
 
     @classmethod
-    def load(cls, cfg, device, dtype) -> FluxFamily:
+    def load(cls, cfg, device, dtype) -> FluxAdapter:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
@@ -123,6 +123,9 @@ class FluxFamily(Family):
     def progress(self, sigma: float) -> float:
         return progress_of_timestep(float(sigma), None)
 
+    def rows(self, cond: Cond, guidance: float, samples: int) -> int:
+        return samples  # guidance is an input of the model (dev) or absent (schnell): one row per sample
+
     def timesteps(self, value: float, batch: int) -> torch.Tensor:
         return torch.full((batch,), float(value), device=self.device)
 
@@ -138,29 +141,31 @@ class FluxFamily(Family):
     @torch.no_grad()
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, hcfg, guidance: float) -> torch.Tensor:
         """Embedders, rotary embedding and the first `encoder_blocks` double blocks, without LoRA."""
-        self.state.clear()
-        model, dtype = self.denoiser, self.dtype
-        b, _, h, w = x.shape
-        packed, txt_ids, img_ids = self._inputs(x, cond)
-        hidden = model.x_embedder(packed)
-        pooled = cond.tensors["pooled"].to(dtype)
-        guidance = self._guidance(guidance, b)
-        if guidance is None:
-            temb = model.time_text_embed(t.to(dtype) * 1000, pooled)
-        else:
-            temb = model.time_text_embed(t.to(dtype) * 1000, guidance.to(dtype) * 1000, pooled)
-        text = model.context_embedder(cond.tensors["t5"].to(dtype))
-        rotary = model.pos_embed(torch.cat([txt_ids, img_ids]))
-        for block in model.transformer_blocks[: hcfg.encoder_blocks]:
-            text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
-        grid = hidden.view(b, h // 2, w // 2, -1).permute(0, 3, 1, 2)  # (b, hidden, h/2, w/2)
-        return feature_tokens(grid.float(), hcfg.feature_grid)
+        with self.without_lora():  # the perception encoder sees the base model
+            model, dtype = self.denoiser, self.dtype
+            b, _, h, w = x.shape
+            packed, txt_ids, img_ids = self._inputs(x, cond)
+            hidden = model.x_embedder(packed)
+            pooled = cond.tensors["pooled"].to(dtype)
+            guidance = self._guidance(guidance, b)
+            if guidance is None:
+                temb = model.time_text_embed(t.to(dtype) * 1000, pooled)
+            else:
+                temb = model.time_text_embed(t.to(dtype) * 1000, guidance.to(dtype) * 1000, pooled)
+            text = model.context_embedder(cond.tensors["t5"].to(dtype))
+            rotary = model.pos_embed(torch.cat([txt_ids, img_ids]))
+            for block in model.transformer_blocks[: hcfg.encoder_blocks]:
+                text, hidden = block(
+                    hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary
+                )
+            grid = hidden.view(b, h // 2, w // 2, -1).permute(0, 3, 1, 2)  # (b, hidden, h/2, w/2)
+            return feature_tokens(grid.float(), hcfg.feature_grid)
 
     def predict(self, x, t, cond: Cond, factors, guidance: float) -> torch.Tensor:
         """Velocity for x (b, c, h, w) with the embedded guidance value (dev) or none (schnell)."""
         b, _, h, w = x.shape
         packed, txt_ids, img_ids = self._inputs(x, cond)
-        self.bind(factors, b, b)
+        self._use(factors, b, b)
         out = self.denoiser(
             hidden_states=packed,
             encoder_hidden_states=cond.tensors["t5"].to(self.dtype),

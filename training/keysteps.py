@@ -32,19 +32,19 @@ def _extra(p) -> None:
 
 
 def base_x0_curves(
-    family, prompts: list[str], seeds: list[int], num_steps: int, guidance: float, batch: int
+    adapter, prompts: list[str], seeds: list[int], num_steps: int, guidance: float, batch: int
 ) -> torch.Tensor:
     """(num_steps, samples, c, h, w): the base model's x0 prediction at every step of every trajectory."""
     from .sampling import Trajectory, per_sample_noise
 
-    schedule = family.schedule(num_steps)
-    shape = family.latent_shape(1)[1:]
+    schedule = adapter.schedule(num_steps)
+    shape = adapter.latent_shape(1)[1:]
     chunks = []
     for start in range(0, len(seeds), batch):
         part_prompts, part_seeds = prompts[start : start + batch], seeds[start : start + batch]
-        cond = family.encode_prompts(part_prompts, uncond=guidance != 1.0)
-        trajectory = Trajectory(family, None, None, cond, schedule, guidance)
-        _, x0s = trajectory.generate(per_sample_noise(shape, part_seeds, family.device), collect_x0=True)
+        cond = adapter.encode_prompts(part_prompts, uncond=guidance != 1.0)
+        trajectory = Trajectory(adapter, None, None, cond, schedule, guidance)
+        _, x0s = trajectory.generate(per_sample_noise(shape, part_seeds, adapter.device), collect_x0=True)
         chunks.append(torch.stack(x0s))  # (steps, b, c, h, w)
     return torch.cat(chunks, dim=1)
 
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     check_files(cfg, purpose="keysteps")
     if args.check:
         return print_check(cfg, args)
+    from .adapters import load_adapter
     from .data import read_preferences, read_prompts
     from .engine import make_accelerator, setup_logging
-    from .models import load_family
 
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator, cfg.run_dir)
@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = read_preferences(cfg.data)
             pool = [rows.prompt(i) for i in range(len(rows))]
         prompts = [pool[i % len(pool)] for i in range(args.samples)]
-        family = load_family(cfg.model, accelerator.device)
+        adapter = load_adapter(cfg.model, accelerator.device)
         curves = base_x0_curves(
-            family, prompts, list(range(args.samples)), cfg.sampling.num_steps, cfg.sampling.guidance, args.batch
+            adapter, prompts, list(range(args.samples)), cfg.sampling.num_steps, cfg.sampling.guidance, args.batch
         )
-        schedule = family.schedule(cfg.sampling.num_steps)
+        schedule = adapter.schedule(cfg.sampling.num_steps)
         keysteps, detail = discover_keysteps(curves, args.num, schedule.progress)
         result = {
             "keysteps": keysteps,

@@ -1,24 +1,30 @@
-"""Base models through diffusers, wrapped in one adapter per family (SD1.5, FLUX).
+"""Base models through diffusers, wrapped in one adapter per model family (SD1.5, SDXL, FLUX).
 
-A family adapter owns the frozen denoiser, VAE, text encoders and scheduler, and exposes what the
-trainer needs in one vocabulary (shape legend: b samples, c latent channels, h/w latent size):
+In the trainer, "family" is what it is in the core: the string naming a model family ("sd15"); the object that
+wraps a loaded base model of that family is its adapter (:class:`FamilyAdapter`; ``training.adapters`` registers
+one per family and loads it). An adapter owns the frozen denoiser, VAE, text encoders and scheduler, and exposes
+what the trainer needs in one vocabulary (shape legend: b samples, c latent channels, h/w latent size):
 
 - ``encode_prompts(prompts, uncond) -> Cond``: text encodings, and the hypernet's context;
 - ``schedule(num_steps) -> Schedule``: model timesteps and progress (0 = noise) per sampling step;
 - ``features(x, t, cond)``: perception-encoder tokens from the frozen model's own modules, no LoRA;
-- ``predict(x, t, cond, factors, guidance)``: the model output (SD1.5 eps, FLUX velocity) with the
-  per-sample LoRA bound to the hooked layers, guidance applied;
+- ``predict(x, t, cond, factors, guidance)``: the model output (SD1.5 eps, FLUX velocity), guidance applied, under
+  the per-sample LoRA bound by ``with adapter.bound(factors, rows, samples):`` (``factors=None`` inside the block);
+  ``rows(cond, guidance, samples)`` is how many rows that call has;
 - ``x0(x, pred, t)``, ``step(x, pred, i, schedule)``: one-step clean prediction and the sampler step;
 - ``decode(latents) -> images in [0, 1]``, ``encode(images) -> latents``;
 - ``noise_for_preference(x0, noise, u)``: x_t, t, progress and the denoising target for L_G.
 
-The LoRA hooks come from :mod:`hyperalign.lora` on the diffusers module paths (``Target.id``).
+The LoRA hooks come from :mod:`hyperalign.lora` on the diffusers module paths (``Target.id``): ``attach`` installs
+them for a run (they add nothing while no factors are bound); ``bound`` binds factors for a block and always
+unbinds them when it ends, also on an error. Keep the block open until the backward pass is done: with gradient
+checkpointing the denoiser's forward is re-run during backward and must see the same LoRA.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +36,6 @@ from hyperalign.targets import Target
 
 from .config import ModelConfig
 from .paths import offline
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,7 +62,7 @@ class Schedule:
         return len(self.t)
 
 
-class Family:
+class FamilyAdapter:
     """What both families share: the LoRA hooks, prompt batching and the checkpointed VAE decode."""
 
     name: str = ""
@@ -68,6 +72,7 @@ class Family:
     def __init__(self, cfg: ModelConfig, device, dtype):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.state = LoRAState()
+        self._in_block = False  # inside a bound() block
         self._hooks: contextlib.ExitStack | None = None
 
     # LoRA hooks ---------------------------------------------------------------------------------
@@ -86,12 +91,51 @@ class Family:
             self._hooks = None
         self.state.clear()
 
-    def bind(self, factors, rows: int, samples: int) -> None:
-        """Bind per-sample factors to a model call of `rows` rows (CFG chunks share their sample's LoRA)."""
-        if factors is None:
+    @contextlib.contextmanager
+    def bound(self, factors, rows: int, samples: int) -> Iterator[None]:
+        """Per-sample `factors` (None: the base model) bound to the hooked layers for every model call in the block,
+        `rows` rows per call (CFG chunks share their sample's LoRA); unbound when the block ends, however it ends."""
+        if self._in_block:
+            raise RuntimeError("HyperAlign: adapter.bound() blocks do not nest.")
+        self.state.clear()
+        if factors is not None:
+            self.bind(factors, rows, samples)
+        self._in_block = True
+        try:
+            yield
+        finally:
+            self._in_block = False
             self.state.clear()
-            return
+
+    def _use(self, factors, rows: int, samples: int) -> None:
+        """The LoRA of one predict() call: inside a bound() block, the block's (`factors` must be None). Outside
+        one, the old way (training/loop.py until it moves to bound()): `factors` are bound and stay bound until
+        the caller clears them; None means the base model."""
+        if self._in_block:
+            if factors is not None:
+                raise RuntimeError("HyperAlign: inside adapter.bound(), give the factors to bound(), not predict().")
+        elif factors is None:
+            self.state.clear()
+        else:
+            self.bind(factors, rows, samples)
+
+    def bind(self, factors, rows: int, samples: int) -> None:
+        """Bind `factors` and leave them bound (the caller clears `state`): use `bound()`."""
         bind_rows(self.state, factors, rows, samples, self.device)
+
+    def rows(self, cond: Cond, guidance: float, samples: int) -> int:
+        """Rows of one predict() call for `samples` samples: SD runs the cond and uncond chunks in one call."""
+        return 2 * samples if guidance != 1.0 and "uncond" in cond.tensors else samples
+
+    @contextlib.contextmanager
+    def without_lora(self) -> Iterator[None]:
+        """The base model inside the block (the perception encoder); what was bound is bound again after it."""
+        saved = self.state.factors, self.state._bound
+        self.state.clear()
+        try:
+            yield
+        finally:
+            self.state.factors, self.state._bound = saved
 
     # shared helpers -----------------------------------------------------------------------------
     def frozen(self) -> list[nn.Module]:
@@ -170,25 +214,3 @@ def load_transformers(cls, cfg: ModelConfig, subfolder: str, dtype=None):
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = cls.from_pretrained(cfg.path, variant=cfg.variant, **{dtype_key: dtype}, **kwargs)
     return model.to(dtype)
-
-
-def load_family(cfg: ModelConfig, device, dtype: torch.dtype | None = None) -> Family:
-    """Load the base model named by `cfg` (local folder or Hub id) onto `device`, frozen."""
-    dtype = dtype or DTYPES[cfg.base_dtype]
-    if cfg.family == "sd15":
-        from .sd15 import SD15Family
-
-        family = SD15Family.load(cfg, device, dtype)
-    elif cfg.family == "sdxl":
-        from .sdxl import SDXLFamily
-
-        family = SDXLFamily.load(cfg, device, dtype)
-    else:
-        from .flux import FluxFamily
-
-        family = FluxFamily.load(cfg, device, dtype)
-    family.freeze()
-    if cfg.gradient_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
-    logger.info("loaded %s base model from %s (%s)", cfg.family, cfg.path, str(dtype).replace("torch.", ""))
-    return family

@@ -18,7 +18,7 @@ import torch
 
 from hyperalign.runtime import AlignRun
 
-from .models import Cond, Family, Schedule
+from .models import Cond, FamilyAdapter, Schedule
 
 
 @dataclass
@@ -49,11 +49,12 @@ def per_sample_uniform(seeds: list[int], device) -> torch.Tensor:
 
 
 class Trajectory:
-    """One sampling run of a batch: the family, the hypernet (or None: the base model) and the mode."""
+    """One sampling run of a batch: the family adapter, the hypernet (or None: the base model) and the mode.
+    Each model call runs in its own `adapter.bound(...)` block, so nothing stays bound between calls."""
 
     def __init__(
         self,
-        family: Family,
+        adapter: FamilyAdapter,
         hypernet,
         hcfg,
         cond: Cond,
@@ -62,7 +63,7 @@ class Trajectory:
         mode: str = "S",
         keysteps=(0.0,),
     ):
-        self.family, self.hypernet, self.hcfg, self.cond = family, hypernet, hcfg, cond
+        self.adapter, self.hypernet, self.hcfg, self.cond = adapter, hypernet, hcfg, cond
         self.schedule, self.guidance = schedule, guidance
         self.run = AlignRun(mode, tuple(keysteps))
         self.last: HypernetInputs | None = None
@@ -70,8 +71,8 @@ class Trajectory:
     def _predictor(self, i: int, x: torch.Tensor) -> Callable:
         def predict():
             b = x.shape[0]
-            t = self.family.timesteps(self.schedule.t[i], b)
-            features = self.family.features(x, t, self.cond, self.hcfg, self.guidance)
+            t = self.adapter.timesteps(self.schedule.t[i], b)
+            features = self.adapter.features(x, t, self.cond, self.hcfg, self.guidance)
             progress = torch.full((b,), self.schedule.progress[i], device=x.device)
             self.last = HypernetInputs(i, features, progress, self.cond.context)
             return self.last.run(self.hypernet)
@@ -85,9 +86,11 @@ class Trajectory:
 
     def model_step(self, i: int, x: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:
         """(next x, one-step x0 prediction) from step i."""
-        t = self.family.timesteps(self.schedule.t[i], x.shape[0])
-        pred = self.family.predict(x, t, self.cond, factors, self.guidance)
-        return self.family.step(x, pred, i, self.schedule), self.family.x0(x, pred, t)
+        b = x.shape[0]
+        t = self.adapter.timesteps(self.schedule.t[i], b)
+        with self.adapter.bound(factors, self.adapter.rows(self.cond, self.guidance, b), b):
+            pred = self.adapter.predict(x, t, self.cond, None, self.guidance)
+        return self.adapter.step(x, pred, i, self.schedule), self.adapter.x0(x, pred, t)
 
     @torch.no_grad()
     def rollout(self, x: torch.Tensor, stop: int) -> tuple[torch.Tensor, HypernetInputs | None]:
@@ -96,7 +99,6 @@ class Trajectory:
             x, _ = self.model_step(i, x, self.factors_at(i, x))
         if stop < len(self.schedule):
             self.factors_at(stop, x)
-        self.family.state.clear()
         return x, self.last
 
     @torch.no_grad()
@@ -107,5 +109,4 @@ class Trajectory:
             x, x0 = self.model_step(i, x, self.factors_at(i, x))
             if collect_x0:
                 x0s.append(x0.float().cpu())
-        self.family.state.clear()
         return x, x0s

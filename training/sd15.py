@@ -12,7 +12,7 @@ from hyperalign.hypernet import feature_tokens
 from hyperalign.schedule import progress_of_timestep
 from hyperalign.targets import SD15, UNetArch
 
-from .models import Cond, Family, Schedule, load_diffusers, load_transformers
+from .models import Cond, FamilyAdapter, Schedule, load_diffusers, load_transformers
 
 
 def _uniform(value, what: str) -> int:
@@ -39,7 +39,7 @@ def unet_arch(config) -> UNetArch:
     )
 
 
-class SD15Family(Family):
+class SD15Adapter(FamilyAdapter):
     name = SD15
 
     def __init__(self, cfg, device, dtype, unet, vae, text_encoder, tokenizer, scheduler_config):
@@ -58,7 +58,7 @@ class SD15Family(Family):
         self.alphas = self._scheduler(1).alphas_cumprod.to(self.device, torch.float32)  # (T,)
 
     @classmethod
-    def load(cls, cfg, device, dtype) -> SD15Family:
+    def load(cls, cfg, device, dtype) -> SD15Adapter:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -115,20 +115,20 @@ class SD15Family(Family):
     @torch.no_grad()
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, hcfg, guidance: float = 1.0) -> torch.Tensor:
         """Time embedding, input blocks and middle block of the frozen UNet on (x_t, t, c), without LoRA."""
-        self.state.clear()
-        unet, dtype = self.denoiser, self.dtype
-        x, context = x.to(dtype), cond.context.to(dtype)
-        emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
-        h = unet.conv_in(x)
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
-            else:
-                h, _ = block(hidden_states=h, temb=emb)
-        h = unet.mid_block(h, emb, encoder_hidden_states=context)  # (b, feature_dim, h/8, w/8)
-        return feature_tokens(h.float(), hcfg.feature_grid)
+        with self.without_lora():  # the perception encoder sees the base model
+            unet, dtype = self.denoiser, self.dtype
+            x, context = x.to(dtype), cond.context.to(dtype)
+            emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+            if unet.time_embed_act is not None:
+                emb = unet.time_embed_act(emb)
+            h = unet.conv_in(x)
+            for block in unet.down_blocks:
+                if getattr(block, "has_cross_attention", False):
+                    h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+                else:
+                    h, _ = block(hidden_states=h, temb=emb)
+            h = unet.mid_block(h, emb, encoder_hidden_states=context)  # (b, feature_dim, h/8, w/8)
+            return feature_tokens(h.float(), hcfg.feature_grid)
 
     def predict(self, x, t, cond: Cond, factors, guidance: float) -> torch.Tensor:
         """Guided eps for x (b, c, h, w); CFG runs cond and uncond rows in one call, sharing each sample's LoRA."""
@@ -138,7 +138,7 @@ class SD15Family(Family):
         if cfg:
             x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
             context = torch.cat([cond.context, cond.tensors["uncond"]])
-        self.bind(factors, x_in.shape[0], b)
+        self._use(factors, x_in.shape[0], b)
         out = self.denoiser(x_in.to(self.dtype), t_in, encoder_hidden_states=context.to(self.dtype), return_dict=False)[
             0
         ].float()

@@ -20,8 +20,8 @@ import torch
 from hyperalign.hypernet import feature_tokens
 from hyperalign.targets import SDXL, XLUNetArch
 
-from .models import Cond, Family, load_diffusers, load_transformers
-from .sd15 import SD15Family, _uniform
+from .models import Cond, FamilyAdapter, load_diffusers, load_transformers
+from .sd15 import SD15Adapter, _uniform
 
 
 def xl_unet_arch(config) -> XLUNetArch:
@@ -53,11 +53,11 @@ class _EncoderDone(Exception):
     """Raised by the middle block's hook: the perception encoder needs nothing after it."""
 
 
-class SDXLFamily(SD15Family):
+class SDXLAdapter(SD15Adapter):
     name = SDXL
 
     def __init__(self, cfg, device, dtype, unet, vae, encoders, tokenizers, scheduler_config):
-        Family.__init__(self, cfg, device, dtype)  # SD1.5's own __init__ reads an SD1.5 table from the UNet
+        FamilyAdapter.__init__(self, cfg, device, dtype)  # SD1.5's own __init__ reads an SD1.5 table from the UNet
         self.denoiser, self.vae = unet, vae
         self.text_encoder, self.text_encoder_2 = encoders
         self.tokenizer, self.tokenizer_2 = tokenizers
@@ -74,7 +74,7 @@ class SDXLFamily(SD15Family):
         self.alphas = self._scheduler(1).alphas_cumprod.to(self.device, torch.float32)  # (T,)
 
     @classmethod
-    def load(cls, cfg, device, dtype) -> SDXLFamily:
+    def load(cls, cfg, device, dtype) -> SDXLAdapter:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -108,7 +108,7 @@ class SDXLFamily(SD15Family):
     def encode_prompts(self, prompts: list[str], uncond: bool = True) -> Cond:
         context, pooled = self._embed_xl(prompts)
         tensors = {"pooled": pooled}
-        if uncond:  # one negative row, repeated, as ComfyUI does (see SD15Family.encode_prompts)
+        if uncond:  # one negative row, repeated, as ComfyUI does (see SD15Adapter.encode_prompts)
             empty, empty_pooled = self._embed_xl([""])
             tensors["uncond"] = empty.repeat(len(prompts), 1, 1)
             tensors["uncond_pooled"] = empty_pooled.repeat(len(prompts), 1)
@@ -127,26 +127,26 @@ class SDXLFamily(SD15Family):
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, hcfg, guidance: float = 1.0) -> torch.Tensor:
         """The frozen UNet's own forward (time, text and size embeddings, input blocks, middle block), stopped after
         the middle block, without LoRA."""
-        self.state.clear()
-        captured = []
+        with self.without_lora():  # the perception encoder sees the base model
+            captured = []
 
-        def capture(module, args, output):
-            captured.append(output)
-            raise _EncoderDone
+            def capture(module, args, output):
+                captured.append(output)
+                raise _EncoderDone
 
-        handle = self.denoiser.mid_block.register_forward_hook(capture)
-        try:
-            self.denoiser(
-                x.to(self.dtype),
-                t,
-                encoder_hidden_states=cond.context.to(self.dtype),
-                added_cond_kwargs=self._added(cond.tensors["pooled"]),
-            )
-        except _EncoderDone:
-            pass
-        finally:
-            handle.remove()
-        return feature_tokens(captured[0].float(), hcfg.feature_grid)  # (b, feature_dim, h/4, w/4) pooled
+            handle = self.denoiser.mid_block.register_forward_hook(capture)
+            try:
+                self.denoiser(
+                    x.to(self.dtype),
+                    t,
+                    encoder_hidden_states=cond.context.to(self.dtype),
+                    added_cond_kwargs=self._added(cond.tensors["pooled"]),
+                )
+            except _EncoderDone:
+                pass
+            finally:
+                handle.remove()
+            return feature_tokens(captured[0].float(), hcfg.feature_grid)  # (b, feature_dim, h/4, w/4) pooled
 
     def predict(self, x, t, cond: Cond, factors, guidance: float) -> torch.Tensor:
         """Guided eps for x (b, c, h, w); CFG runs cond and uncond rows in one call, sharing each sample's LoRA."""
@@ -157,7 +157,7 @@ class SDXLFamily(SD15Family):
             x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
             context = torch.cat([cond.context, cond.tensors["uncond"]])
             pooled = torch.cat([pooled, cond.tensors["uncond_pooled"]])
-        self.bind(factors, x_in.shape[0], b)
+        self._use(factors, x_in.shape[0], b)
         out = self.denoiser(
             x_in.to(self.dtype),
             t_in,

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         path = train(trainer)
     finally:
         accelerator.end_training()
-        trainer.family.detach()
+        trainer.adapter.detach()
         close_logging()
     if accelerator.is_main_process:
         print(f"predictor: {path}")

@@ -2,7 +2,7 @@
 
 - Trainer host: a tiny diffusers model is trained for a few steps by the trainer's own CLI entry
   (``training.train.main``, in-process) and exported; the trainer's family adapter then runs that file as
-  ``training.evaluate`` does (``load_family`` + ``load_predictor`` + ``attach``) through ``training.sampling``.
+  ``training.evaluate`` does (``load_adapter`` + ``load_predictor`` + ``attach``) through ``training.sampling``.
 - ComfyUI host: ComfyUI's own model class for the same architecture, its weights converted from the diffusers
   state dict with ComfyUI's own key maps, the same predictor file loaded by the HyperAlign Loader and Apply nodes,
   and ComfyUI's sampler (``comfy.sample.sample``, the KSampler path).
@@ -83,9 +83,9 @@ def train_predictor(model_dir: Path, family: str, out_dir: Path, resolution: int
 def trainer_host(cfg, predictor_path: Path):
     """The trainer's family adapter running the exported predictor, set up as ``training.evaluate`` does."""
     from hyperalign.io import load_predictor
-    from training.models import load_family
+    from training.adapters import load_adapter
 
-    family = load_family(cfg.model, "cpu")
+    family = load_adapter(cfg.model, "cpu")
     predictor = load_predictor(predictor_path)
     hcfg = predictor.meta.hypernet_config()
     family.attach(predictor.targets, hcfg.scale)

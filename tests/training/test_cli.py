@@ -17,6 +17,7 @@ PRESET = "training/configs/sd15.yaml"
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Loading a model or starting accelerate fails the test: --check must stop before both."""
+    import training.adapters
     import training.engine
     import training.models
 
@@ -24,7 +25,7 @@ def nothing_loads(monkeypatch):
         raise AssertionError("--check loaded a model or started accelerate")
 
     for module, name in (
-        (training.models, "load_family"),
+        (training.adapters, "load_adapter"),
         (training.models, "load_vae"),
         (training.engine, "make_accelerator"),
     ):

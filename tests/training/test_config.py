@@ -79,12 +79,12 @@ def test_bad_overrides_are_refused_with_a_hint(override, message):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any attempt to load a model fails the test: checks must come first."""
-    import training.models
+    import training.adapters
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was validated")
 
-    monkeypatch.setattr(training.models, "load_family", forbidden)
+    monkeypatch.setattr(training.adapters, "load_adapter", forbidden)
 
 
 def test_cli_refuses_unknown_key_before_loading(no_model_load, capsys):

@@ -5,20 +5,20 @@ import torch
 from conftest import tiny_config
 
 from hyperalign.targets import build_table
+from training.adapters import load_adapter
 from training.flux import pack, unpack
-from training.models import load_family
 
 
 @pytest.fixture(scope="module")
 def sd15(tiny_sd15, prefs, tmp_path_factory):
     cfg = tiny_config(tiny_sd15, prefs, tmp_path_factory.mktemp("out"))
-    return load_family(cfg.model, "cpu"), cfg
+    return load_adapter(cfg.model, "cpu"), cfg
 
 
 @pytest.fixture(scope="module")
 def flux(tiny_flux, prefs, tmp_path_factory):
     cfg = tiny_config(tiny_flux, prefs, tmp_path_factory.mktemp("out"), family="flux")
-    return load_family(cfg.model, "cpu"), cfg
+    return load_adapter(cfg.model, "cpu"), cfg
 
 
 def _factors(targets, b, scale=0.1, seed=0):
@@ -70,13 +70,58 @@ def test_sd15_features_lora_and_cfg(sd15):
     assert features.shape == (2, 16, 32)  # (b, grid 4 x 4, mid-block channels)
     base = family.predict(x, t, cond, None, 3.0)
     zero = {k: (d, torch.zeros_like(u)) for k, (d, u) in _factors(targets, 2).items()}
-    assert torch.equal(family.predict(x, t, cond, zero, 3.0), base)
-    lora = family.predict(x, t, cond, _factors(targets, 2), 3.0)
+    rows = family.rows(cond, 3.0, 2)
+    assert rows == 4  # cond and uncond chunks in one call
+    with family.bound(zero, rows, 2):
+        assert torch.equal(family.predict(x, t, cond, None, 3.0), base)
+    with family.bound(_factors(targets, 2), rows, 2):
+        lora = family.predict(x, t, cond, None, 3.0)
     assert (lora - base).abs().max() > 1e-4
+    assert torch.equal(family.predict(x, t, cond, None, 3.0), base)  # the block unbound its factors
+    assert torch.equal(family.predict(x, t, cond, _factors(targets, 2), 3.0), lora)  # the old way: factors given
     eps_c = family.predict(x, t, cond.__class__(cond.prompts, cond.context), None, 1.0)
     uncond = cond.__class__(cond.prompts, cond.tensors["uncond"])
     eps_u = family.predict(x, t, uncond, None, 1.0)
     assert torch.allclose(base, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-4)  # batch 4 vs 2: float noise
+    family.detach()
+
+
+def test_bound_unbinds_on_error_and_does_not_nest(sd15):
+    family, _ = sd15
+    targets = build_table("sd15", family.arch).preset("attn")
+    family.attach(targets, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt), family.bound(_factors(targets, 2), 4, 2):
+            assert family.state.for_target(targets[0].id) is not None
+            raise KeyboardInterrupt
+        assert family.state.factors is None and family.state.for_target(targets[0].id) is None
+        with family.bound(None, 2, 2), pytest.raises(RuntimeError, match="do not nest"):
+            with family.bound(_factors(targets, 2), 2, 2):
+                pass
+        with family.bound(_factors(targets, 2), 2, 2), pytest.raises(RuntimeError, match="give the factors to bound"):
+            family.predict(
+                torch.randn(2, 4, 16, 16),
+                family.timesteps(9, 2),
+                family.encode_prompts(["a", "b"], False),
+                _factors(targets, 2),
+                1.0,
+            )
+    finally:
+        family.detach()
+
+
+def test_features_see_the_base_model_inside_a_block(sd15):
+    family, cfg = sd15
+    hcfg = cfg.hypernet.resolve(family.feature_dim, family.context_dim)
+    targets = build_table("sd15", family.arch).preset("attn")
+    family.attach(targets, 1.0)
+    cond = family.encode_prompts(["a cat"], uncond=False)
+    x, t = torch.randn(1, 4, 16, 16), family.timesteps(499, 1)
+    base = family.features(x, t, cond, hcfg)
+    factors = _factors(targets, 1)
+    with family.bound(factors, 1, 1):
+        assert torch.equal(family.features(x, t, cond, hcfg), base)
+        assert family.state.factors is factors  # and the block's LoRA is back after the encoder
     family.detach()
 
 

@@ -7,13 +7,13 @@ import torch
 from conftest import tiny_config
 
 from hyperalign.targets import SDXL, XLUNetArch, build_table
-from training.models import load_family
+from training.adapters import load_adapter
 
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl, prefs, tmp_path_factory):
     cfg = tiny_config(tiny_sdxl, prefs, tmp_path_factory.mktemp("out"), family="sdxl")
-    return load_family(cfg.model, "cpu"), cfg
+    return load_adapter(cfg.model, "cpu"), cfg
 
 
 def _factors(targets, b, scale=0.1, seed=0):
@@ -109,4 +109,4 @@ def test_lora_and_cfg(sdxl):
 def test_non_sdxl_unet_is_refused(tiny_sd15, prefs, tmp_path):
     cfg = tiny_config(tiny_sd15, prefs, tmp_path, family="sdxl")
     with pytest.raises(ValueError, match="HyperAlign: the sdxl family needs a UNet with SDXL's text_time"):
-        load_family(cfg.model, "cpu")
+        load_adapter(cfg.model, "cpu")

@@ -231,12 +231,12 @@ def prompt_set(cfg, source: str, count: int) -> list[str]:
 def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dict]:
     from hyperalign.io import load_predictor
 
+    from ..adapters import load_adapter
     from ..engine import make_accelerator
-    from ..models import load_family
     from .baselines import StaticLoRA
 
     accelerator = make_accelerator(cfg)
-    family = load_family(cfg.model, accelerator.device)
+    family = load_adapter(cfg.model, accelerator.device)
     scorer = Scorer(cfg, accelerator.device)
     loaded = {
         v.name: load_predictor(os.path.join(work, v.slug, "predictor.safetensors")) for v in TRAINED if not v.static
