@@ -7,11 +7,15 @@ Stages, each seeded from --seed, each on a fixed number of torch threads with de
    child: toy_clip, then toy_aesthetic); toy_clip's text tower becomes the generator's text
    encoder, as CLIP's does in SD1.5;
 3. the UNet, on VAE latents and text-encoder states of the training prompts;
-4. the model folder, the preference pairs, and the base model's scores (report.json, samples.png).
+4. the rewards go on training on the base model's own samples, labelled by the ground-truth checker
+   (training/toy/grounding.py), and the build measures how well they then rank held-out samples;
+5. the model folder, the preference pairs, and the base model's scores by ground truth and by the
+   rewards (report.json, samples.png).
 
 Two processes of one thread each use two cores without the thread-synchronisation stalls that a
-two-thread torch suffers on a busy machine. ``--quick`` runs a few steps of everything, for smoke
-tests; its assets are useless. training/toy/README.md lists sizes, times and scores.
+two-thread torch suffers on a busy machine. ``--device cuda`` runs the training stages on a GPU (the same
+config; results then match a CPU build only statistically). ``--quick`` runs a few steps of everything,
+for smoke tests; its assets are useless. training/toy/README.md lists sizes, times and scores.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ASSETS, publish, world
+from . import ASSETS, publish, truth, world
 from .renders import RenderPool, render_pool
 
 logger = logging.getLogger("training.toy.build")
@@ -39,6 +44,7 @@ logger = logging.getLogger("training.toy.build")
 class BuildConfig:
     seed: int = 0
     threads: int = 1  # torch threads per process; results depend on it
+    device: str = "cpu"
     parallel: bool = True  # train the rewards in a second process while the VAE trains
     per_spec: int = 8  # renders of each scene in the training pool
     vae_steps: int = 2000
@@ -47,13 +53,17 @@ class BuildConfig:
     clip_groups: int = 24  # a batch is groups x (scene + one hard negative per attribute)
     aesthetic_steps: int = 400
     aesthetic_batch: int = 64
-    unet_steps: int = 1500
+    unet_steps: int = 8000
     unet_batch: int = 64
     unet_lr: float = 2e-3
+    tune_passes: int = 2  # samples of every scene the rewards go on training with
+    tune_guidances: tuple = (1.5, 3.0, 5.0, 7.5)
+    tune_steps: int = 400
     pairs: int = 300
-    eval_prompts: int = 64  # per split
-    eval_steps: int = 20
+    eval_prompts: int = 128  # per split
+    eval_steps: int = 10  # as the comparison table samples
     eval_guidance: float = 5.0
+    checker_images: int = 400
 
 
 QUICK = BuildConfig(
@@ -65,9 +75,12 @@ QUICK = BuildConfig(
     aesthetic_batch=8,
     unet_steps=4,
     unet_batch=8,
+    tune_passes=1,
+    tune_steps=2,
     pairs=6,
     eval_prompts=4,
     eval_steps=2,
+    checker_images=8,
 )
 
 
@@ -102,10 +115,12 @@ def train_rewards(cfg: BuildConfig, images: np.ndarray, styles: np.ndarray) -> d
     started = time.perf_counter()
     clip = train_clip(
         pool, text_config(vocab), WordTokenizer(vocab)(pool.prompts), cfg.clip_steps, cfg.clip_groups,
-        cfg.seed + 4, cfg.threads, logger.info,
+        cfg.seed + 4, cfg.threads, logger.info, cfg.device,
     )  # fmt: skip
     clip_seconds = time.perf_counter() - started
-    aesthetic = train_aesthetic(pool, cfg.aesthetic_steps, cfg.aesthetic_batch, cfg.seed + 5, cfg.threads, logger.info)
+    aesthetic = train_aesthetic(
+        pool, cfg.aesthetic_steps, cfg.aesthetic_batch, cfg.seed + 5, cfg.threads, logger.info, cfg.device
+    )
     return {
         "clip": clip.state_dict(),
         "text_config": clip.text.config.to_dict(),
@@ -136,8 +151,9 @@ def _vae_and_rewards(cfg: BuildConfig, pool: RenderPool, train_rows: np.ndarray,
     def vae_stage():
         with timer("vae"):
             return train_vae(
-                pool.tensor(train_rows), cfg.vae_steps, cfg.vae_batch, cfg.seed + 3, cfg.threads, logger.info
-            )
+                pool.tensor(train_rows), cfg.vae_steps, cfg.vae_batch, cfg.seed + 3, cfg.threads, logger.info,
+                device=cfg.device,
+            )  # fmt: skip
 
     if not cfg.parallel:
         vae = vae_stage()
@@ -153,12 +169,13 @@ def _vae_and_rewards(cfg: BuildConfig, pool: RenderPool, train_rows: np.ndarray,
 
 
 def build(out: Path, cfg: BuildConfig) -> dict:
-    from .baseline import evaluate_base
+    from .base_report import evaluate_base
     from .codec import decode, encode, scaling_factor
-    from .diffusion import embed_prompts, train_unet
+    from .diffusion import embed_prompts, sample, train_unet
+    from .grounding import agreement, label, sample_scenes
     from .prefs import write_pairs
-    from .rewards import load_toy_aesthetic, load_toy_clip, save_reward
-    from .scorers import aesthetic_accuracy, clip_accuracy
+    from .rewards import ToyAestheticReward, ToyClipReward, load_toy_aesthetic, load_toy_clip, save_reward
+    from .scorers import aesthetic_accuracy, clip_accuracy, train_aesthetic, train_clip
     from .vocab import WordTokenizer
 
     timer, report = Timer(), {"config": asdict(cfg)}
@@ -176,10 +193,6 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     timer.seconds.update({f"{k} (child)": v for k, v in trained.pop("seconds").items()})
     clip, aesthetic = _rebuild_rewards(trained)
     tokenizer = WordTokenizer(trained["vocab"])
-    clip_meta = {"kind": "toy_clip", "text_config": trained["text_config"], "vocab": trained["vocab"]}
-    save_reward(out / "rewards" / "toy_clip.safetensors", clip, clip_meta)
-    save_reward(out / "rewards" / "toy_aesthetic.safetensors", aesthetic, {"kind": "toy_aesthetic"})
-
     with timer("unet"):
         latent_mean, latent_std = encode(vae, pool.tensor(train_rows))
         scaling = scaling_factor(latent_mean)
@@ -190,33 +203,67 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         context_of_row = torch.arange(len(train_rows)) // cfg.per_spec
         unet = train_unet(
             latent_mean, latent_std, contexts, context_of_row, empty, scaling, cfg.unet_steps, cfg.unet_batch,
-            cfg.seed + 6, cfg.threads, logger.info, lr=cfg.unet_lr,
+            cfg.seed + 6, cfg.threads, logger.info, lr=cfg.unet_lr, device=cfg.device,
         )  # fmt: skip
     publish.save_model(out, vae, clip.text, unet)
+    pipe = publish.load_pipe(out).to(cfg.device)
+    workers = min(16, len(os.sched_getaffinity(0)))  # processes for the ground-truth checker
+    prompt_sets = {
+        "train": _sample([world.prompt_of(s) for s in train_specs], cfg.eval_prompts, cfg.seed + 10),
+        "heldout": _sample([world.prompt_of(s) for s in heldout_specs], cfg.eval_prompts, cfg.seed + 11),
+    }
+    heldout_samples = sample(pipe, prompt_sets["heldout"], cfg.seed + 14, cfg.eval_steps, cfg.eval_guidance).cpu()
+
+    with timer("grounding"):
+        report["rewards_vs_truth"] = {
+            "renders_only": agreement(
+                ToyClipReward(clip, tokenizer, 10.0), ToyAestheticReward(aesthetic), heldout_samples,
+                prompt_sets["heldout"], workers,
+            )
+        }  # fmt: skip
+        images, _ = sample_scenes(
+            pipe, world.all_specs() * cfg.tune_passes, cfg.seed + 15, cfg.eval_steps, tuple(cfg.tune_guidances)
+        )
+        generated, report["grounding"] = label(images.cpu(), tokenizer, cfg.seed + 16, workers)
+        clip = train_clip(
+            pool, None, tokenizer(pool.prompts), cfg.tune_steps, cfg.clip_groups, cfg.seed + 17, cfg.threads,
+            logger.info, cfg.device, init=clip, generated=generated,
+        )  # fmt: skip
+        aesthetic = train_aesthetic(
+            pool, cfg.tune_steps, cfg.aesthetic_batch, cfg.seed + 18, cfg.threads, logger.info, cfg.device,
+            init=aesthetic, generated=generated,
+        )  # fmt: skip
+    clip_meta = {"kind": "toy_clip", "text_config": trained["text_config"], "vocab": trained["vocab"]}
+    save_reward(out / "rewards" / "toy_clip.safetensors", clip, clip_meta)
+    save_reward(out / "rewards" / "toy_aesthetic.safetensors", aesthetic, {"kind": "toy_aesthetic"})
 
     with timer("prefs"):
         report["prefs"] = write_pairs(out / "prefs", train_specs, cfg.pairs, cfg.seed + 7)
 
     with timer("evaluate"):
-        check = fresh.tensor(np.flatnonzero([not s.heldout for s in fresh.specs]))
-        recon = decode(vae, encode(vae, check)[0])
-        report["vae"] = {"scaling_factor": scaling, "recon_mse_fresh": round((recon - check).pow(2).mean().item(), 6)}
         specs = _shipped_reward_specs(out)
         clip_reward = load_toy_clip(specs[0], "cpu", torch.float32)
         aesthetic_reward = load_toy_aesthetic(specs[1], "cpu", torch.float32)
+        report["rewards_vs_truth"]["with_samples"] = agreement(
+            clip_reward, aesthetic_reward, heldout_samples, prompt_sets["heldout"], workers
+        )
+        report["truth_checker"] = truth.validate(cfg.checker_images, cfg.seed + 19)
+        check = fresh.tensor(np.flatnonzero([not s.heldout for s in fresh.specs]))
+        recon = decode(vae, encode(vae, check)[0])
+        recon_truth = truth.check(recon, workers).correct([s for s in fresh.specs if not s.heldout])
+        report["vae"] = {
+            "scaling_factor": scaling,
+            "recon_mse_fresh": round((recon - check).pow(2).mean().item(), 6),
+            "recon_truth": {k: round(float(v.mean()), 4) for k, v in recon_truth.items()},
+        }
         all_ids = tokenizer(fresh.prompts)
         report["toy_clip"] = {
             split: clip_accuracy(clip, _subset(fresh, held), all_ids, all_ids, fresh.specs, cfg.seed + 8)
             for split, held in (("train_prompts", False), ("heldout_prompts", True))
         }
         report["toy_aesthetic"] = aesthetic_accuracy(aesthetic, fresh, 2000, cfg.seed + 9)
-        pipe = publish.load_pipe(out)
-        prompt_sets = {
-            "train": _sample([world.prompt_of(s) for s in train_specs], cfg.eval_prompts, cfg.seed + 10),
-            "heldout": _sample([world.prompt_of(s) for s in heldout_specs], cfg.eval_prompts, cfg.seed + 11),
-        }
         report["base_model"] = evaluate_base(
-            pipe, clip_reward, aesthetic_reward, prompt_sets, cfg.seed + 12, cfg.eval_steps, cfg.eval_guidance
+            pipe, clip_reward, aesthetic_reward, prompt_sets, cfg.seed + 12, cfg.eval_steps, cfg.eval_guidance, workers
         )
         grid_prompts = prompt_sets["train"][:8] + prompt_sets["heldout"][:8]
         publish.samples_grid(out, pipe, grid_prompts, cfg.seed + 13, cfg.eval_steps, cfg.eval_guidance)
@@ -271,7 +318,12 @@ def _parse_setting(cfg: BuildConfig, item: str) -> BuildConfig:
             f"HyperAlign: unknown build setting {key!r}; allowed: {sorted(BuildConfig.__dataclass_fields__)}"
         )
     kind = type(getattr(cfg, key))
-    parsed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    if kind is bool:
+        parsed = value.lower() in ("1", "true", "yes")
+    elif kind is tuple:
+        parsed = tuple(float(v) for v in value.split(","))
+    else:
+        parsed = kind(value)
     return replace(cfg, **{key: parsed})
 
 
@@ -280,11 +332,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ASSETS, help="asset folder (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (results depend on it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the networks train: cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not assets")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BuildConfig fields")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    cfg = replace(QUICK if args.quick else BuildConfig(), seed=args.seed, threads=args.threads)
+    cfg = replace(QUICK if args.quick else BuildConfig(), seed=args.seed, threads=args.threads, device=args.device)
     for item in args.set:
         cfg = _parse_setting(cfg, item)
     report = build(args.out, cfg)

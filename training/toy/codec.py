@@ -1,4 +1,4 @@
-"""Stage 1: the latent codec, a tiny ``AutoencoderKL`` (32x32 RGB <-> 4x8x8), trained on toy renders.
+"""Stage 1: the latent codec, a tiny ``AutoencoderKL`` (32x32 RGB <-> 4x16x16), trained on toy renders.
 
 Loss as in latent diffusion minus the GAN and the perceptual term: pixel MSE (shapes weighted up)
 plus a small KL term that keeps the latents near a unit Gaussian. The scaling factor is then set so
@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from .fitting import Progress, deterministic, set_lr
-from .nets import vae_config
+from .nets import VAE_CHANNELS, vae_config
+
+FACTOR = 2 ** (len(VAE_CHANNELS) - 1)  # pixels per latent pixel
 
 
 def _shape_weights(x: torch.Tensor) -> torch.Tensor:
@@ -32,29 +34,31 @@ def train_vae(
     kl_weight: float = 1e-6,
     crop: int = 16,
     full_fraction: float = 0.2,
+    device: str = "cpu",
 ):
     """`images` (n, 3, 32, 32) in [0, 1] -> a trained AutoencoderKL in eval mode.
 
     Most steps see random `crop` x `crop` windows (a conv codec is translation-equivariant, and a
     window costs a quarter of a full image); the last `full_fraction` of the steps see whole images,
-    so the mid-block attention learns the full 8x8 latent grid.
+    so the mid-block attention learns the full latent grid.
     """
     from diffusers import AutoencoderKL
 
     generator = deterministic(seed, threads)
-    vae = AutoencoderKL(**vae_config())
+    vae = AutoencoderKL(**vae_config()).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     progress = Progress("vae", steps, max(1, steps // 10), log)
-    data = images * 2 - 1
+    data = (images * 2 - 1).to(device)
     size = data.shape[-1]
     for step in range(steps):
         set_lr(optimizer, step, steps, 2e-3)
-        x = data[torch.randint(0, len(data), (batch,), generator=generator)]
+        x = data[torch.randint(0, len(data), (batch,), generator=generator).to(device)]
         if step < steps * (1 - full_fraction) and crop < size:
-            top, left = torch.randint(0, (size - crop) // 4 + 1, (2,), generator=generator).tolist()
-            x = x[..., 4 * top : 4 * top + crop, 4 * left : 4 * left + crop]  # latent-aligned windows
+            top, left = torch.randint(0, (size - crop) // FACTOR + 1, (2,), generator=generator).tolist()
+            top, left = FACTOR * top, FACTOR * left  # latent-aligned windows
+            x = x[..., top : top + crop, left : left + crop]
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
         recon = vae.decode(z).sample
         loss = ((recon - x).pow(2) * _shape_weights(x)).mean() + kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -63,7 +67,7 @@ def train_vae(
         optimizer.step()
         progress(step, loss.item())
     vae.eval().requires_grad_(False)
-    return vae
+    return vae.cpu()
 
 
 @torch.no_grad()

@@ -17,7 +17,10 @@ from .nets import scheduler_config, unet_config
 @torch.no_grad()
 def embed_prompts(text_encoder, token_ids: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """(n, 77) ids -> (n, 77, width): what the pipeline feeds the UNet (last hidden state)."""
-    out = [text_encoder(input_ids=token_ids[s : s + batch])[0] for s in range(0, len(token_ids), batch)]
+    device = text_encoder.device
+    out = [
+        text_encoder(input_ids=token_ids[s : s + batch].to(device))[0].cpu() for s in range(0, len(token_ids), batch)
+    ]
     return torch.cat(out)
 
 
@@ -40,6 +43,7 @@ def train_unet(
     log,
     lr: float = 1e-3,
     uncond_rate: float = 0.1,
+    device: str = "cpu",
 ):
     """Latents (n, 4, 8, 8) unscaled; image row i is conditioned on row_context[context_of_row[i]]."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -47,22 +51,25 @@ def train_unet(
     generator = deterministic(seed, threads)
     scheduler = DDPMScheduler(**scheduler_config())
     alphas_cumprod = scheduler.alphas_cumprod.float()
-    unet = UNet2DConditionModel(**unet_config())
+    unet = UNet2DConditionModel(**unet_config()).to(device)
+    latent_mean, latent_std = latent_mean.to(device), latent_std.to(device)
+    row_context, empty_context = row_context.to(device), empty_context.to(device)
+    context_of_row, alphas_cumprod = context_of_row.to(device), alphas_cumprod.to(device)
     ema = EMA(unet, decay=0.995)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     progress = Progress("unet", steps, max(1, steps // 20), log)
     for step in range(steps):
         set_lr(optimizer, step, steps, lr, warmup=100)
-        rows = torch.randint(0, len(latent_mean), (batch,), generator=generator)
+        rows = torch.randint(0, len(latent_mean), (batch,), generator=generator).to(device)
         z0 = (
-            latent_mean[rows] + latent_std[rows] * torch.randn(latent_mean[rows].shape, generator=generator)
+            latent_mean[rows] + latent_std[rows] * torch.randn(latent_mean[rows].shape, generator=generator).to(device)
         ) * scaling
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         context = row_context[context_of_row[rows]]
-        drop = torch.rand(batch, generator=generator) < uncond_rate
+        drop = (torch.rand(batch, generator=generator) < uncond_rate).to(device)
         context = torch.where(drop.view(-1, 1, 1), empty_context.expand_as(context), context)
         pred = unet(zt, t, encoder_hidden_states=context).sample
         loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * _min_snr_weights(alphas_cumprod, t)).mean()
@@ -72,16 +79,16 @@ def train_unet(
         optimizer.step()
         ema.update(unet)
         progress(step, loss.item())
-    return ema.shadow
+    return ema.shadow.cpu()
 
 
 @torch.no_grad()
 def sample(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: float = 5.0, batch: int = 128):
-    """Images (n, 3, 32, 32) in [0, 1] from a StableDiffusionPipeline with DDIM (eta 0)."""
+    """Images (n, 3, 32, 32) in [0, 1], on the CPU, from a StableDiffusionPipeline with DDIM (eta 0)."""
     from diffusers import DDIMScheduler
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same images on any device
     out = []
     for start in range(0, len(prompts), batch):
         result = pipe(
@@ -94,4 +101,4 @@ def sample(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: float
             width=32,
         )
         out.append(result.images)
-    return torch.cat(out).float().clamp(0, 1)
+    return torch.cat(out).float().clamp(0, 1).cpu()

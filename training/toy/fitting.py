@@ -11,9 +11,15 @@ from torch import nn
 
 
 def deterministic(seed: int, threads: int) -> torch.Generator:
-    """Seed torch, pin the thread count (CPU reductions split work by thread) and return a generator."""
+    """Seed torch, pin the thread count (CPU reductions split work by thread) and return a (CPU) generator.
+
+    On CUDA some backward kernels (nearest upsampling) have no deterministic version: a GPU build is
+    reproducible only up to those, so they warn instead of failing there."""
+    import os
+
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 

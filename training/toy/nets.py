@@ -2,8 +2,8 @@
 
 The text-to-image model is standard diffusers/transformers classes with tiny configs, so everything
 that loads SD1.5 (the trainer, StableDiffusionPipeline, ComfyUI's SD1.5 key conversion) loads it:
-32x32 RGB images, a 4-channel 8x8 latent, a two-level UNet with cross-attention at every level and
-in the middle block, and a 2-layer CLIP text encoder of width 64 over 77 tokens.
+32x32 RGB images, a 4-channel 16x16 latent, a three-level UNet with cross-attention at its two lower
+levels and in the middle block, and a 2-layer CLIP text encoder of width 64 over 77 tokens.
 
 The toy CLIP is a dual encoder: a small CNN for images and a ``CLIPTextModel`` for prompts (the
 same text tower the generator uses, as SD1.5 uses CLIP's). The toy aesthetic model is a CNN with a
@@ -21,12 +21,13 @@ from hyperalign.targets import UNetArch
 from .world import IMAGE_SIZE
 
 LATENT_CHANNELS = 4
-LATENT_SIZE = 8  # the VAE downsamples 4x
+LATENT_SIZE = 16  # the VAE downsamples 2x: at 4x (8x8) a small shape is one latent pixel and its form is lost
 TEXT_WIDTH = 64
-UNET_CHANNELS = (32, 64)
+UNET_CHANNELS = (32, 64, 64)
+UNET_ATTENTION = (False, True, True)  # attention over 256 tokens at 16x16 would quadruple the cost
 UNET_LAYERS_PER_BLOCK = 1
 UNET_HEADS = 4
-VAE_CHANNELS = (8, 16, 32)
+VAE_CHANNELS = (16, 32)
 VAE_GROUPS = 2  # diffusers-only (ComfyUI never builds this VAE): few groups train much faster
 EMBED_DIM = 64  # toy CLIP joint embedding
 
@@ -35,7 +36,7 @@ def unet_arch() -> UNetArch:
     """The numbers :mod:`hyperalign.targets` needs to list this UNet's attention layers."""
     return UNetArch(
         block_channels=UNET_CHANNELS,
-        attention_levels=(True,) * len(UNET_CHANNELS),
+        attention_levels=UNET_ATTENTION,
         layers_per_block=UNET_LAYERS_PER_BLOCK,
         transformer_depth=1,
         context_dim=TEXT_WIDTH,
@@ -44,15 +45,14 @@ def unet_arch() -> UNetArch:
 
 
 def unet_config() -> dict:
-    levels = len(UNET_CHANNELS)
     return dict(
         sample_size=LATENT_SIZE,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         block_out_channels=UNET_CHANNELS,
         layers_per_block=UNET_LAYERS_PER_BLOCK,
-        down_block_types=("CrossAttnDownBlock2D",) * levels,
-        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in UNET_ATTENTION),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(UNET_ATTENTION)),
         mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=UNET_HEADS,  # diffusers' name for the number of heads in SD1.5 configs

@@ -11,6 +11,8 @@ renders of the same scene in two styles, labelled by which one the hidden taste 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,35 @@ from . import world
 from .fitting import Progress, deterministic, set_lr
 from .nets import ToyAesthetic, ToyClip
 from .renders import RenderPool
+
+
+@dataclass
+class Generated:
+    """The generator's own samples, each with what the ground-truth checker reads in it: the scene it
+    really shows (its prompt, for toy_clip) and its measured taste (for toy_aesthetic). Real preference
+    models are trained on generated images judged by people; here the checker plays the people, so the
+    rewards learn to judge what the generator actually draws, not only clean renders."""
+
+    images: torch.Tensor  # (n, 3, 32, 32) in [0, 1]
+    token_ids: torch.Tensor  # (n, 77): the prompt of the scene each image shows
+    negative_ids: torch.Tensor  # (n, 6, 77): that prompt with one attribute changed, per attribute
+    taste: torch.Tensor  # (n,) measured taste
+
+    def clip_loss(self, clip: ToyClip, rows: int, rng: np.random.Generator, device) -> torch.Tensor:
+        """InfoNCE of each image against its own prompt, its six hard negatives and the batch's other prompts."""
+        pick = torch.from_numpy(rng.choice(len(self.images), size=rows, replace=False))
+        image_emb = clip.embed_images(self.images[pick].to(device))
+        texts = torch.cat([self.token_ids[pick, None], self.negative_ids[pick]], 1)  # (rows, 7, 77)
+        text_emb = clip.embed_text(texts.flatten(0, 1).to(device))  # (rows * 7, d)
+        logits = clip.logit_scale.clamp(max=4.6).exp() * image_emb @ text_emb.T
+        return F.cross_entropy(logits, torch.arange(rows, device=device) * texts.shape[1])
+
+    def aesthetic_loss(self, model: ToyAesthetic, rows: int, rng: np.random.Generator, device) -> torch.Tensor:
+        """Bradley-Terry on random pairs of samples, ordered by their measured taste."""
+        a, b = (torch.from_numpy(rng.choice(len(self.images), size=rows)) for _ in range(2))
+        scores = model.raw(torch.cat([self.images[a], self.images[b]]).to(device))
+        sign = torch.sign(self.taste[a] - self.taste[b]).to(device)
+        return F.softplus(-sign * (scores[:rows] - scores[rows:])).mean()
 
 
 def soften(images: torch.Tensor, generator: torch.Generator, max_sigma: float = 1.5, pairs: bool = False):
@@ -56,11 +87,16 @@ def train_clip(
     seed: int,
     threads: int,
     log,
+    device: str = "cpu",
+    init: ToyClip | None = None,
+    generated: Generated | None = None,
 ) -> ToyClip:
-    """`token_ids` (len(pool.specs), 77): the prompt of each scene of the pool."""
+    """`token_ids` (len(pool.specs), 77): the prompt of each scene of the pool. With `init`, training goes on
+    from that model; with `generated`, every step also sees the generator's own samples (see Generated)."""
     generator = deterministic(seed, threads)
     rng = np.random.default_rng(seed)
-    clip = ToyClip(text_config)
+    clip = (init if init is not None else ToyClip(text_config)).train().requires_grad_(True).to(device)
+    token_ids = token_ids.to(device)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.01)
     index = {s: i for i, s in enumerate(pool.specs)}
     progress = Progress("toy_clip", steps, max(1, steps // 10), log)
@@ -68,19 +104,22 @@ def train_clip(
         set_lr(optimizer, step, steps, 2e-3)
         spec_rows = _group_batch(pool.specs, index, groups, rng)
         image_rows = [r * pool.per_spec + int(rng.integers(pool.per_spec)) for r in spec_rows]
-        images = soften(pool.tensor(image_rows), generator)
+        images = soften(pool.tensor(image_rows), generator).to(device)
         image_emb = clip.embed_images(images)
         text_emb = clip.embed_text(token_ids[spec_rows])
         logits = clip.logit_scale.clamp(max=4.6).exp() * image_emb @ text_emb.T
-        same = torch.tensor(spec_rows)[:, None] == torch.tensor(spec_rows)[None, :]
-        logits = logits.masked_fill(same & ~torch.eye(len(spec_rows), dtype=torch.bool), float("-inf"))
-        labels = torch.arange(len(spec_rows))
+        same = torch.tensor(spec_rows, device=device)[:, None] == torch.tensor(spec_rows, device=device)[None, :]
+        eye = torch.eye(len(spec_rows), dtype=torch.bool, device=device)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        labels = torch.arange(len(spec_rows), device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        if generated is not None:
+            loss = loss + generated.clip_loss(clip, groups, rng, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         progress(step, loss.item())
-    return clip.eval().requires_grad_(False)
+    return clip.cpu().eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -113,25 +152,37 @@ def _pairs(pool: RenderPool, count: int, rng: np.random.Generator) -> tuple[np.n
     return spec * pool.per_spec + first, spec * pool.per_spec + second
 
 
-def train_aesthetic(pool: RenderPool, steps: int, batch: int, seed: int, threads: int, log):
+def train_aesthetic(
+    pool: RenderPool,
+    steps: int,
+    batch: int,
+    seed: int,
+    threads: int,
+    log,
+    device: str = "cpu",
+    init: ToyAesthetic | None = None,
+    generated: Generated | None = None,
+):
     generator = deterministic(seed, threads)
     rng = np.random.default_rng(seed)
-    model = ToyAesthetic()
+    model = (init if init is not None else ToyAesthetic()).train().requires_grad_(True).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    tastes = torch.from_numpy(pool.tastes()).float()
+    tastes = torch.from_numpy(pool.tastes()).float().to(device)
     progress = Progress("toy_aesthetic", steps, max(1, steps // 10), log)
     for step in range(steps):
         set_lr(optimizer, step, steps, 2e-3)
         a, b = _pairs(pool, batch, rng)
-        images = soften(pool.tensor(np.concatenate([a, b])), generator, pairs=True)
+        images = soften(pool.tensor(np.concatenate([a, b])), generator, pairs=True).to(device)
         score_a, score_b = model.raw(images).split(batch)
-        sign = torch.sign(tastes[a] - tastes[b])
+        sign = torch.sign(tastes[torch.from_numpy(a).to(device)] - tastes[torch.from_numpy(b).to(device)])
         loss = F.softplus(-sign * (score_a - score_b)).mean()
+        if generated is not None:
+            loss = loss + generated.aesthetic_loss(model, batch, rng, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         progress(step, loss.item())
-    model.eval().requires_grad_(False)
+    model = model.cpu().eval().requires_grad_(False)
     with torch.no_grad():  # standardise over the render distribution
         raw = torch.cat(
             [

@@ -57,10 +57,10 @@ _ANCHORS = {
     "bottom": (16.0, 24.0),
 }
 _COLUMN = {"left", "right"}
-_RADIUS = {"small": 2.6, "large": 4.6}  # circumradius-like size in pixels
-_SPACING = {"small": 7.0, "large": 10.5}
+_RADIUS = {"small": 3.2, "large": 4.6}  # circumradius-like size in pixels
+_SPACING = {"small": 8.0, "large": 10.5}
 _MAX_OFFSET = 3.0  # pixels a badly composed group drifts from its spot
-_MAX_BLUR = 1.1  # gaussian sigma in pixels
+_MAX_BLUR = 1.0  # gaussian sigma in pixels; much above 1 a small triangle and circle look alike
 _MAX_NOISE = 0.08  # grain standard deviation
 _MIN_VIVID = 0.4  # colour saturation factor of the dullest style
 _SUPERSAMPLE = 4

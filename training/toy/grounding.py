@@ -1,0 +1,74 @@
+"""Stage 4: the rewards learn the generator's own samples, and the build measures how well they judge them.
+
+Rewards trained on clean renders only are easy to fool with what a generator actually draws (soft,
+grainy, half-right scenes). As HPSv2 and PickScore learned from people judging generated images, the
+toy rewards go on training on the base model's samples, each labelled by the ground-truth checker
+(:mod:`.truth`) with the scene it really shows and its measured taste. The checker labels data; it is
+never a training reward for the hypernetwork. :func:`agreement` then measures, on fresh held-out
+samples, how well each learned reward ranks images the way the truth does: the learned rewards may
+stay exploitable (as HPSv2 is), and the evaluation shows it when they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import truth, world
+from .scorers import Generated
+
+
+def sample_scenes(pipe, specs: list[world.SceneSpec], seed: int, steps: int, guidances: tuple[float, ...]):
+    """One sample of each scene, the guidance scale cycling over `guidances` by chunk, so the samples
+    span sloppy to over-guided: (images (n, 3, 32, 32), prompts)."""
+    from .diffusion import sample
+
+    prompts = [world.prompt_of(s) for s in specs]
+    chunk = -(-len(prompts) // len(guidances))
+    images = [
+        sample(pipe, prompts[i : i + chunk], seed=seed + k, steps=steps, guidance=g)
+        for k, (i, g) in enumerate(zip(range(0, len(prompts), chunk), guidances))
+    ]
+    return torch.cat(images), prompts
+
+
+def label(images: torch.Tensor, tokenizer, seed: int, workers: int) -> tuple[Generated, dict]:
+    """The checker's reading of each sample as training data for the rewards; images that show no valid
+    scene keep their measured taste for toy_aesthetic but are left out of toy_clip's data (counted)."""
+    reading = truth.check(images, workers)
+    scenes = reading.scenes()
+    keep = [i for i, s in enumerate(scenes) if s is not None]
+    rng = np.random.default_rng(seed)
+    own = [world.prompt_of(scenes[i]) for i in keep]
+    negatives = [world.prompt_of(world.perturb(scenes[i], a, rng)) for i in keep for a in world.ATTRIBUTES]
+    data = Generated(
+        images=images[keep],
+        token_ids=tokenizer(own),
+        negative_ids=tokenizer(negatives).view(len(keep), len(world.ATTRIBUTES), -1),
+        taste=torch.from_numpy(reading.taste()[keep]).float(),
+    )
+    return data, {"samples": len(images), "valid_scenes": len(keep)}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+@torch.no_grad()
+def agreement(clip_reward, aesthetic_reward, images: torch.Tensor, prompts: list[str], workers: int = 1) -> dict:
+    """Per image, Spearman rank correlation of toy_clip with the truth's attribute accuracy for its prompt
+    and of toy_aesthetic with the truth's taste; with the truth's own means."""
+    specs = [world.parse_prompt(p) for p in prompts]
+    reading = truth.check(images, workers)
+    accuracy, taste = reading.accuracy(specs), reading.taste()
+    clip = torch.cat([clip_reward(images[i : i + 512], prompts[i : i + 512]) for i in range(0, len(images), 512)])
+    aesthetic = torch.cat([aesthetic_reward(images[i : i + 512]) for i in range(0, len(images), 512)])
+    return {
+        "images": len(images),
+        "toy_clip_vs_truth_accuracy": round(_spearman(clip.numpy(), accuracy), 4),
+        "toy_aesthetic_vs_truth_taste": round(_spearman(aesthetic.numpy(), taste), 4),
+        "truth_accuracy": round(float(accuracy.mean()), 4),
+        "truth_taste": round(float(taste.mean()), 4),
+    }
