@@ -28,8 +28,8 @@ app.registerExtension({
       const node = this;
       node.hyperalignKeystepsWidget = addCanvasWidget(node, "keysteps_view", {
         height: () => KEYSTEPS_HEIGHT,
-        paint(ctx, width, y, palette, lowQuality) {
-          drawKeysteps(ctx, node.hyperalignKeysteps, width, y, palette, lowQuality);
+        paint(ctx, box, palette, lowQuality) {
+          drawKeysteps(ctx, node.hyperalignKeysteps, box, palette, lowQuality);
         },
       });
       return result;
@@ -41,7 +41,7 @@ app.registerExtension({
       if (found) {
         this.hyperalignKeysteps = found; // read by the Apply timeline when linked; test hook
         repaint(this, [this.hyperalignKeystepsWidget]);
-        for (const node of this.graph?.nodes ?? []) if (node.hyperalignTimeline) repaint(node, []);
+        for (const node of this.graph?.nodes ?? []) if (node.hyperalignTimeline) repaint(node, node.widgets ?? []);
       }
       return result;
     };

@@ -5,13 +5,14 @@
 // "steps" widget, e.g. KSampler, KSamplerAdvanced or BasicScheduler; its denoise and
 // start/end_at_step are honoured. Without one the strip shows 20 steps. Step i is assumed to have
 // progress i/steps (a schedule linear in model time). After a run the marks are exact: with the
-// progress the run measured per step (same step count), or else, while the plan is unchanged,
-// the steps it predicted at. Mode "from_file" and empty keysteps come from the last run's report.
+// progress the run measured per step (a run that predicted at every step reports it, same step
+// count), or else, while the plan is unchanged, the steps it predicted at. Mode "from_file" and
+// empty keysteps come from the last run's report.
 
 import { app } from "../../scripts/app.js";
 import { TIMELINE_HEIGHT, drawTimeline } from "./lib/draw.js";
 import { findSampler, samplerSettings, widgetValue } from "./lib/graph.js";
-import { buildTimeline, resolveSchedule } from "./lib/timeline.js";
+import { buildTimeline, resolveSchedule, runProgress } from "./lib/timeline.js";
 import { addCanvasWidget, downstreamNodes, onWidgetChange, repaint, upstreamNode } from "./lib/widget.js";
 
 const NODE = "HyperAlignApply";
@@ -31,7 +32,7 @@ export function timelineOf(node) {
     sampler: samplerSettings(findSampler(node, downstreamNodes)),
     startPercent: widgetValue(node, "start_percent") ?? 0,
     endPercent: widgetValue(node, "end_percent") ?? 1,
-    measuredProgress: node.hyperalignRun?.step_progress ?? null, // optional in the report
+    measuredProgress: runProgress(node.hyperalignRun),
     lastRun: node.hyperalignRun ?? null,
   });
 }
@@ -46,9 +47,9 @@ app.registerExtension({
       const node = this;
       const widget = addCanvasWidget(node, "timeline", {
         height: () => TIMELINE_HEIGHT,
-        paint(ctx, width, y, palette, lowQuality) {
+        paint(ctx, box, palette, lowQuality) {
           node.hyperalignTimeline = timelineOf(node); // also the browser test's hook
-          drawTimeline(ctx, node.hyperalignTimeline, width, y, palette, lowQuality);
+          drawTimeline(ctx, node.hyperalignTimeline, box, palette, lowQuality);
         },
       });
       onWidgetChange(node, INPUTS, () => repaint(node, [widget]));

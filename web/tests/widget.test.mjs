@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { addCanvasWidget, onWidgetChange } from "../js/lib/widget.js";
+import { addCanvasWidget, onWidgetChange, upstreamNode } from "../js/lib/widget.js";
 
 function fakeNode() {
   return {
@@ -55,4 +55,46 @@ test("widget callbacks are chained, not replaced", () => {
   onWidgetChange(node, ["mode"], () => calls.push("ours"));
   node.widgets[0].callback("P");
   assert.deepEqual(calls, ["own P", "ours"]);
+});
+
+test("on the graph canvas the box is inset like LiteGraph's own widgets", () => {
+  const node = fakeNode();
+  const boxes = [];
+  const widget = addCanvasWidget(node, "timeline", { height: () => 50, paint: (_ctx, box) => boxes.push(box) });
+  widget.draw({ canvas: {} }, node, 300, 40, 20, false);
+  assert.deepEqual(boxes, [{ x: 15, y: 40, width: 270 }]);
+  assert.equal(widget.draws, 1);
+});
+
+test("linked inputs are found through isInputConnected, not the deprecated input.link", () => {
+  const source = { id: 1 };
+  const inputs = [{ name: "model" }, { name: "keysteps" }];
+  // a getter that fails the test if read: frontend 1.58 warns on every read of input.link
+  for (const input of inputs)
+    Object.defineProperty(input, "link", {
+      get() {
+        throw new Error("input.link read");
+      },
+    });
+  const node = {
+    inputs,
+    findInputSlot: (name) => inputs.findIndex((i) => i.name === name),
+    isInputConnected: (slot) => slot === 1,
+    getInputNode: (slot) => (slot === 1 ? source : null),
+  };
+  assert.equal(upstreamNode(node, "keysteps"), source);
+  assert.equal(upstreamNode(node, "model"), null);
+  assert.equal(upstreamNode(node, "missing"), null);
+});
+
+test("without isInputConnected (old LiteGraph) the link field decides", () => {
+  const source = { id: 1 };
+  const node = {
+    inputs: [{ name: "keysteps", link: null }],
+    findInputSlot: () => 0,
+    getInputNode: () => source,
+  };
+  assert.equal(upstreamNode(node, "keysteps"), null);
+  node.inputs[0].link = 7;
+  assert.equal(upstreamNode(node, "keysteps"), source);
 });

@@ -105,12 +105,18 @@ export function buildChart(run) {
   };
 }
 
-/** "P · 3 hypernet calls / 20 steps · 45 ms": the run's `seconds` is the time spent in the hypernet. */
+export const CACHED_NOTE = "from ComfyUI's cache, last run: ";
+
+/**
+ * "P · 3 hypernet calls / 20 steps · 45 ms": the run's `seconds` is the time spent in the hypernet.
+ * A run shown again because ComfyUI answered from its cache says so first (the end may be cut off).
+ */
 function chartSummary(run, calls, steps, callSeconds) {
+  const cached = run?.cached ? CACHED_NOTE : "";
   const mode = run?.mode ? `${run.mode} · ` : "";
   const seconds = Number.isFinite(Number(run?.seconds)) ? Number(run.seconds) : callSeconds;
   const live = run?.live ? " (sampling…)" : "";
-  return `${mode}${calls} hypernet call${calls === 1 ? "" : "s"} / ${steps} steps · ${formatSeconds(seconds)}${live}`;
+  return `${cached}${mode}${calls} hypernet call${calls === 1 ? "" : "s"} / ${steps} steps · ${formatSeconds(seconds)}${live}`;
 }
 
 /** Pixel mapping of a chart inside `box` {x, y, width, height}: step -> x, value -> y per axis. */

@@ -1,6 +1,7 @@
 // Canvas 2D drawing of the HyperAlign widgets: the step timeline, the LoRA dynamics chart and the
-// keysteps strip. Everything is drawn in node coordinates on the graph canvas, so it stays sharp at
-// any zoom. Only a 2D context is used here (no DOM, no ComfyUI imports).
+// keysteps strip. Each draws inside `box` {x, y, width} (node coordinates; where the box sits is
+// widget.js's business), so it stays sharp at any zoom. Only a 2D context is used here (no DOM, no
+// ComfyUI imports).
 
 import { chartGeometry, formatTick } from "./chart.js";
 import { timelineX } from "./timeline.js";
@@ -28,8 +29,6 @@ export function themePalette(liteGraph) {
     font: "Inter, Arial, sans-serif",
   };
 }
-
-const MARGIN = 15; // LiteGraph's widget inset
 
 function roundedBox(ctx, x, y, w, h, r, fill, stroke) {
   ctx.beginPath();
@@ -60,9 +59,7 @@ function text(ctx, value, x, y, { color, size = 11, align = "left", font, maxWid
 export const TIMELINE_HEIGHT = 50;
 
 /** The step timeline: one cell per sampler step, bright where the LoRA is regenerated. */
-export function drawTimeline(ctx, timeline, width, y, palette, lowQuality = false) {
-  const x0 = MARGIN;
-  const w = Math.max(10, width - 2 * MARGIN);
+export function drawTimeline(ctx, timeline, { x: x0, y, width: w }, palette, lowQuality = false) {
   ctx.save();
   roundedBox(ctx, x0, y, w, TIMELINE_HEIGHT - 4, 6, palette.background, palette.outline);
   const inner = { x: x0 + 8, w: w - 16 };
@@ -125,15 +122,14 @@ function legend(ctx, centerX, y, palette, entries) {
 export const CHART_EMPTY_HEIGHT = 24;
 export const CHART_HEIGHT = 140;
 
-/** The LoRA dynamics of the last run, or a one-line hint before the first run. */
-export function drawChart(ctx, chart, width, y, palette, lowQuality = false) {
-  const x0 = MARGIN;
-  const w = Math.max(10, width - 2 * MARGIN);
+export const CHART_HINT = "LoRA dynamics: run the graph to see them";
+
+/** The LoRA dynamics of the last run, or a one-line `hint` when there is no run to show. */
+export function drawChart(ctx, chart, { x: x0, y, width: w }, palette, lowQuality = false, hint = CHART_HINT) {
   ctx.save();
   if (!chart || !chart.calls) {
     roundedBox(ctx, x0, y, w, CHART_EMPTY_HEIGHT - 4, 6, palette.background, palette.outline);
     if (!lowQuality) {
-      const hint = "LoRA dynamics: run the graph to see them";
       text(ctx, hint, x0 + 8, y + 10, { color: palette.muted, font: palette.font, maxWidth: w - 16 });
     }
     ctx.restore();
@@ -206,9 +202,7 @@ function axes(ctx, chart, plot, palette) {
 export const KEYSTEPS_HEIGHT = 42;
 
 /** The keysteps string the node output and where they fall on the 0..1 progress axis. */
-export function drawKeysteps(ctx, info, width, y, palette, lowQuality = false) {
-  const x0 = MARGIN;
-  const w = Math.max(10, width - 2 * MARGIN);
+export function drawKeysteps(ctx, info, { x: x0, y, width: w }, palette, lowQuality = false) {
   ctx.save();
   roundedBox(ctx, x0, y, w, KEYSTEPS_HEIGHT - 4, 6, palette.background, palette.outline);
   const inner = { x: x0 + 8, w: w - 16 };

@@ -37,6 +37,18 @@ export function withMeasuredProgress(steps, measured) {
   return steps.map((s) => (s.sampled ? { ...s, progress: Number(measured[next++]), measured: true } : s));
 }
 
+/**
+ * The per-step progress a finished run measured, from its hypernet calls: a run that predicted at
+ * every step it sampled (mode S over the whole window) reports each step's real progress (the
+ * Python side sends no separate list). Null when the calls do not cover every step.
+ */
+export function runProgress(run) {
+  const calls = run?.calls;
+  if (!Array.isArray(calls) || !calls.length || calls.length !== Number(run.steps)) return null;
+  if (!calls.every((c, i) => Number(c?.step) === i && Number.isFinite(Number(c?.progress)))) return null;
+  return calls.map((c) => Number(c.progress));
+}
+
 function overrideKeysteps(text, linked) {
   if (linked) {
     if (linked.keysteps) return { keysteps: linked.keysteps, source: "input" };

@@ -2,12 +2,14 @@
 // extensions share. No ComfyUI imports: the node and LiteGraph come in as arguments.
 
 import { themePalette } from "./draw.js";
+import { widgetBox } from "./layout.js";
 
 const reported = new Set();
 
 /**
- * Add a widget that draws itself on the node with `paint(ctx, width, y, palette, lowQuality)` and
- * is `height()` tall. It stores no value: it is not saved in workflows nor sent in prompts.
+ * Add a widget that draws itself on the node with `paint(ctx, box, palette, lowQuality)` inside
+ * `box` {x, y, width} (lined up with the node's own widgets) and is `height()` tall. It stores no
+ * value: it is not saved in workflows nor sent in prompts.
  */
 export function addCanvasWidget(node, name, { height, paint }) {
   const widget = {
@@ -16,10 +18,14 @@ export function addCanvasWidget(node, name, { height, paint }) {
     value: "",
     serialize: false,
     options: { serialize: false },
-    draws: 0, // test hook: how often it was painted
+    draws: 0, // test hooks: how often it was painted, on which canvas, where
+    drawnOn: null,
+    box: null,
     draw(ctx, _node, width, y, _h, lowQuality) {
       try {
-        paint(ctx, width, y, themePalette(globalThis.LiteGraph), Boolean(lowQuality));
+        widget.box = widgetBox(ctx.canvas, width, y, height());
+        paint(ctx, widget.box, themePalette(globalThis.LiteGraph), Boolean(lowQuality));
+        widget.drawnOn = ctx.canvas;
         widget.draws += 1;
       } catch (error) {
         // A drawing bug must never break the canvas; say it once per widget kind.
@@ -62,8 +68,15 @@ export function downstreamNodes(node) {
 /** The node linked into input `name`, or null when that input is not linked. */
 export function upstreamNode(node, name) {
   const slot = node.findInputSlot?.(name) ?? -1;
-  if (slot < 0 || node.inputs?.[slot]?.link == null) return null;
+  if (slot < 0 || !inputConnected(node, slot)) return null;
   return node.getInputNode?.(slot) ?? null;
+}
+
+// `input.link` is deprecated from frontend 1.58 on; isInputConnected is there from 1.27 (the
+// floor), the fallback only serves LiteGraph builds without it.
+function inputConnected(node, slot) {
+  if (typeof node.isInputConnected === "function") return node.isInputConnected(slot);
+  return node.inputs?.[slot]?.link != null;
 }
 
 /** Run `after` whenever one of the named widgets changes, keeping any existing callback. */

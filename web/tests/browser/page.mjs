@@ -2,15 +2,16 @@
 // one is self-contained: no imports, no module-level names).
 
 /** Build the test graph with the page's LiteGraph API; returns what the widgets look like. */
-export async function buildGraph({ steps, predictor }) {
+export async function buildGraph({ steps, predictor, seed }) {
   const { app, LiteGraph } = window;
   const api = window.comfyAPI.api.api;
   const graph = app.graph;
   graph.clear();
-  const state = { errors: [], done: false, liveSteps: 0 };
+  const state = { errors: [], done: false, liveSteps: 0, cached: [] };
   window.__hyperalign = state;
   api.addEventListener("execution_error", (e) => state.errors.push(e.detail));
   api.addEventListener("execution_success", () => (state.done = true));
+  api.addEventListener("execution_cached", (e) => state.cached.push(...(e.detail?.nodes ?? []).map(String)));
   api.addEventListener("hyperalign.step", () => (state.liveSteps += 1));
 
   const add = (type, pos, values = {}, { width = 0, title, collapsed = false } = {}) => {
@@ -30,7 +31,7 @@ export async function buildGraph({ steps, predictor }) {
   };
   // Layout for the README screenshot: the test plumbing collapsed on the left, then the HyperAlign
   // nodes and the sampler, left to right.
-  const fixed = { seed: 0, control_after_generate: "fixed" };
+  const fixed = { seed, control_after_generate: "fixed" };
   const sampling = { ...fixed, steps, cfg: 2, sampler_name: "euler", scheduler: "normal" };
   const model = add(
     "HyperAlignTestTinyModel",
@@ -67,7 +68,8 @@ export async function buildGraph({ steps, predictor }) {
     app.canvas.draw(true, true);
   };
 
-  const serialised = graph.serialize().nodes.find((n) => n.id === apply.id);
+  // ids: a string in some frontends (1.58: "1"), a number in their serialised form
+  const serialised = graph.serialize().nodes.find((n) => String(n.id) === String(apply.id));
   const prompt = await app.graphToPrompt();
   const inputs = prompt.output[String(apply.id)]?.inputs ?? {};
   return {
@@ -79,17 +81,61 @@ export async function buildGraph({ steps, predictor }) {
   };
 }
 
+/**
+ * Record LiteGraph's deprecation warnings with the stack that raised them, every time (not once per
+ * message), so the runner can tell whether our extension uses a deprecated API.
+ */
+export function watchDeprecations() {
+  const { LiteGraph } = window;
+  window.__deprecations = [];
+  if (!Array.isArray(LiteGraph.onDeprecationWarning)) return false;
+  LiteGraph.alwaysRepeatWarnings = true;
+  LiteGraph.onDeprecationWarning.push((message) =>
+    window.__deprecations.push({ message: String(message), stack: new Error().stack }),
+  );
+  return true;
+}
+
+/** Queue the graph as it stands; the runner then waits for `done` or an error. */
+export async function queuePrompt() {
+  const s = window.__hyperalign;
+  Object.assign(s, { errors: [], done: false, liveSteps: 0, cached: [] });
+  await window.app.queuePrompt(0, 1);
+}
+
+/** Set a widget value as the UI would (value, then its callback: the frontend's change hook). */
+export function setWidgets({ node, values }) {
+  const target = window.__hyperalign[node];
+  for (const [name, value] of Object.entries(values)) {
+    const widget = target.widgets.find((w) => w.name === name);
+    widget.value = value;
+    widget.callback?.(value, window.app.canvas, target);
+  }
+  window.app.canvas.setDirty(true, true);
+}
+
+/** Switch Nodes 2.0 (Vue nodes) on or off through the settings store, as the settings dialog does. */
+export async function setVueNodes(on) {
+  await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", on);
+}
+
 /** What the HyperAlign widgets hold now (plain JSON). */
 export function pageState() {
   const s = window.__hyperalign;
   const widget = (node, name) => node.widgets.find((w) => w.name === name);
   const timeline = s.apply.hyperalignTimeline;
+  const chart = s.apply.hyperalignChart;
   const outputs = window.app.nodeOutputs?.[String(s.keysteps.id)];
+  const graphCanvas = window.app.canvas.canvas;
   return JSON.parse(
     JSON.stringify({
       errors: s.errors,
       run: s.apply.hyperalignRun ?? null,
       liveSteps: s.liveSteps,
+      cachedIds: s.cached,
+      applyId: String(s.apply.id),
+      applyCached: Boolean(s.apply.hyperalignCached),
+      chart: chart && { calls: chart.calls, summary: chart.summary },
       timeline: timeline && {
         steps: timeline.steps,
         calls: timeline.calls,
@@ -105,6 +151,8 @@ export function pageState() {
         dynamics: widget(s.apply, "dynamics").draws,
         keysteps: widget(s.keysteps, "keysteps_view").draws,
       },
+      // where the chart was last painted: the graph canvas, or its own canvas in a Vue node
+      chartOnGraphCanvas: widget(s.apply, "dynamics").drawnOn === graphCanvas,
       chartHeight: widget(s.apply, "dynamics").computeSize()[1],
     }),
   );
@@ -112,13 +160,23 @@ export function pageState() {
 
 /**
  * Hide (opacity 0) every element that is not the graph canvas or one of its ancestors (menus, toolbars,
- * toasts), so a screenshot shows only the graph.
+ * toasts), so a screenshot shows only the graph. showChrome() undoes it.
  */
 export function hideChrome() {
+  window.__hiddenChrome = window.__hiddenChrome ?? [];
   for (let el = window.app.canvas.canvas; el.parentElement; el = el.parentElement) {
     // opacity, not visibility: a child cannot override it
-    for (const sibling of el.parentElement.children) if (sibling !== el) sibling.style.opacity = "0";
+    for (const sibling of el.parentElement.children) {
+      if (sibling === el || sibling.style.opacity === "0") continue;
+      window.__hiddenChrome.push([sibling, sibling.style.opacity]);
+      sibling.style.opacity = "0";
+    }
   }
+}
+
+export function showChrome() {
+  for (const [el, opacity] of window.__hiddenChrome ?? []) el.style.opacity = opacity;
+  window.__hiddenChrome = [];
 }
 
 /** Zoom and pan so every node fits the free middle of the window; returns the screenshot clip. */
@@ -197,4 +255,89 @@ export function canvasColourCounts() {
     dynamics: count(s.apply, "dynamics"),
     keysteps: count(s.keysteps, "keysteps_view"),
   };
+}
+
+/**
+ * Canvas mode: where the native widgets and ours end on the right, in graph units, read from the
+ * pixels of the graph canvas (scanning each widget's middle row leftwards from the node's border to
+ * the first pixel that differs from the node body).
+ */
+export function canvasRightEdges() {
+  const { app } = window;
+  const s = window.__hyperalign;
+  const canvas = app.canvas;
+  canvas.draw(true, true);
+  const element = canvas.canvas;
+  const ratio = element.width / element.getBoundingClientRect().width;
+  const ctx = element.getContext("2d");
+  const unit = canvas.ds.scale * ratio; // pixels per graph unit
+  const px = (x, y) => [(x + canvas.ds.offset[0]) * unit, (y + canvas.ds.offset[1]) * unit];
+  const rightEdge = (node, name, dy) => {
+    const widget = node.widgets.find((w) => w.name === name);
+    const y = node.pos[1] + (widget.last_y ?? widget.y) + dy;
+    const [x0] = px(node.pos[0], y);
+    const [x1, row] = px(node.pos[0] + node.size[0], y);
+    const start = Math.floor(x1) - Math.ceil(3 * unit);
+    const data = ctx.getImageData(Math.floor(x0), Math.round(row), start - Math.floor(x0) + 1, 1).data;
+    const at = (i) => [data[4 * i], data[4 * i + 1], data[4 * i + 2]];
+    const body = at(start - Math.floor(x0));
+    for (let i = start - Math.floor(x0); i >= 0; i--) {
+      const [r, g, b] = at(i);
+      if (Math.abs(r - body[0]) + Math.abs(g - body[1]) + Math.abs(b - body[2]) > 30)
+        return (Math.floor(x0) + i + 1) / unit - canvas.ds.offset[0] - node.pos[0];
+    }
+    return null;
+  };
+  return {
+    native: rightEdge(s.apply, "strength", 10), // a number widget, 20 tall
+    timeline: rightEdge(s.apply, "timeline", 23),
+    dynamics: rightEdge(s.apply, "dynamics", 10),
+  };
+}
+
+/**
+ * Nodes 2.0: our widgets' own canvases inside the Apply node. For each: whether it sits in the
+ * node, the HyperAlign colours it shows, and where its painted box ends on the right compared with
+ * the native widgets' controls (in node units; 0 = aligned).
+ */
+export function vueWidgets({ colours }) {
+  const s = window.__hyperalign;
+  const nodeElement = document.querySelector(`[data-node-id="${s.apply.id}"]`);
+  if (!nodeElement) return { error: `no DOM element for node ${s.apply.id}` };
+  const controls = [...nodeElement.querySelectorAll("input, button, [role=combobox]")].filter(
+    (el) => !el.closest("[data-testid^=node-header]") && el.getBoundingClientRect().width > 0,
+  );
+  const nativeRight = Math.max(...controls.map((el) => el.getBoundingClientRect().right));
+  const result = { controls: controls.length };
+  for (const name of ["timeline", "dynamics"]) {
+    const widget = s.apply.widgets.find((w) => w.name === name);
+    const canvas = widget.drawnOn;
+    if (!canvas || !nodeElement.contains(canvas)) {
+      result[name] = { inNode: false };
+      continue;
+    }
+    const rect = canvas.getBoundingClientRect();
+    const zoom = rect.width / canvas.offsetWidth;
+    const ratio = canvas.width / canvas.offsetWidth; // device pixels per CSS pixel of the canvas
+    const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    const counts = Object.fromEntries(Object.keys(colours).map((k) => [k, 0]));
+    for (let i = 0; i < data.length; i += 4) {
+      for (const [key, [r, g, b]] of Object.entries(colours)) {
+        if (Math.abs(data[i] - r) < 24 && Math.abs(data[i + 1] - g) < 24 && Math.abs(data[i + 2] - b) < 24)
+          counts[key] += 1;
+      }
+    }
+    // rightmost painted pixel in the box's middle row
+    const row = Math.round((widget.box.y + 10) * ratio);
+    let right = -1;
+    for (let x = canvas.width - 1; x >= 0; x--) {
+      if (data[4 * (row * canvas.width + x) + 3] > 0) {
+        right = x;
+        break;
+      }
+    }
+    const paintedRight = rect.left + ((right + 1) / ratio) * zoom;
+    result[name] = { inNode: true, counts, rightOffset: (paintedRight - nativeRight) / zoom };
+  }
+  return result;
 }
