@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_HYPERNET = {
     "sd15": {"feature_dim": 64, "context_dim": 64},
     "flux": {"feature_dim": 64, "context_dim": 32, "encoder_blocks": 1},
-    "sdxl": {"feature_dim": 64, "context_dim": 64},
+    "sdxl": {"feature_dim": 128, "context_dim": 64},
 }
 HYPERNET_SHAPE = {"dim": 32, "depth": 1, "heads": 2, "rank": 4, "alpha": 4.0, "basis": 8, "feature_grid": 2}
 SCHEDULER = {"sd15": "normal", "flux": "simple", "sdxl": "normal"}

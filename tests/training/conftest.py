@@ -153,14 +153,15 @@ def build_tiny_sd15(folder: Path) -> Path:
 
 # A tiny UNet with SDXL's structure: no attention at the first level, deeper transformers further down and in the
 # middle, linear projections in the transformers, text_time conditioning (pooled text + six 256-wide size embeddings,
-# the width ComfyUI's SDXL hard-codes). Channels are multiples of 32 (ComfyUI's group norms), heads of 16 channels.
+# the width ComfyUI's SDXL hard-codes). Channels are multiples of 32 (ComfyUI's group norms), heads of 64 channels
+# (ComfyUI's SDXL fixes that width; attention_head_dim is diffusers' legacy name for the number of heads).
 TINY_SDXL_UNET = dict(
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(32, 64, 128),
     layers_per_block=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     transformer_layers_per_block=(1, 1, 2),
-    attention_head_dim=(2, 4, 4),
+    attention_head_dim=(1, 1, 2),
     use_linear_projection=True,
     cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states
     addition_embed_type="text_time",

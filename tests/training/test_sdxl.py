@@ -31,9 +31,9 @@ def test_arch_targets_and_frozen(sdxl):
     family, _ = sdxl
     assert family.name == SDXL
     assert family.arch == XLUNetArch(
-        block_channels=(32, 64, 64), transformer_depths=(0, 1, 2), mid_depth=2, layers_per_block=1, context_dim=64
+        block_channels=(32, 64, 128), transformer_depths=(0, 1, 2), mid_depth=2, layers_per_block=1, context_dim=64
     )
-    assert (family.feature_dim, family.context_dim) == (64, 64)
+    assert (family.feature_dim, family.context_dim) == (128, 64)
     targets = build_table(SDXL, family.arch).preset("attn")
     assert len(targets) == 8 * (1 + 2 + 2 + 2 * 2 + 2 * 1)  # down 1 + 2, middle 2, up 2 x 2 + 2 x 1 blocks
     family.attach(targets, 1.0)
@@ -59,7 +59,7 @@ def test_prompts_use_both_encoders_and_the_pooled_projection(sdxl):
 
 def test_schedule_matches_sd15_ddim_on_sdxl_scheduler_config(sdxl):
     family, _ = sdxl
-    assert family.schedule(4).t == [999.0, 749.0, 499.0, 249.0]  # "trailing": ComfyUI's "simple"
+    assert family.sampling_steps(4).t == [999.0, 749.0, 499.0, 249.0]  # "trailing": ComfyUI's "simple"
     assert family.progress(999.0) == 0.0
 
 
@@ -69,7 +69,7 @@ def test_features_are_the_middle_block_with_text_and_size_conditioning(sdxl):
     cond = family.encode_prompts(["a cat"], uncond=False)
     x, t = torch.randn(1, 4, 16, 16), family.timesteps(499, 1)
     features = family.features(x, t, cond, hcfg)
-    assert features.shape == (1, 16, 64)  # (b, 4x4 mid-block grid, mid-block channels)
+    assert features.shape == (1, 16, 128)  # (b, 4x4 mid-block grid, mid-block channels)
     seen = []
     handle = family.denoiser.mid_block.register_forward_hook(lambda m, a, out: seen.append(out))
     with torch.no_grad():

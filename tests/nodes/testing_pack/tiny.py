@@ -65,20 +65,19 @@ def host_flux_fields() -> dict:
 
 FLUX_UNET_CONFIG.update(host_flux_fields())
 
-# SDXL's structure, tiny: no attention at the first level, transformer depth 1 then 2 and 2 in the middle, linear
-# projections, heads of 16 channels, and `y` = pooled text (32) + six 256-wide size embeddings (ComfyUI's width)
+# SDXL's structure, tiny: channels x1, x2, x4, no attention at the first level, transformer depth 1 then 2 and 2 in
+# the middle, linear projections, `y` = pooled text (32) + six 256-wide size embeddings (ComfyUI's width). ComfyUI's
+# SDXL always has heads of 64 channels: one head at 64 channels, two at 128.
 SDXL_UNET_CONFIG = dict(
     SD15_UNET_CONFIG,
     num_classes="sequential",
     adm_in_channels=32 + 6 * 256,
     num_res_blocks=[1, 1, 1],
-    channel_mult=[1, 2, 2],
+    channel_mult=[1, 2, 4],
     transformer_depth=[0, 1, 2],
     transformer_depth_middle=2,
     transformer_depth_output=[0, 0, 1, 1, 2, 2],
     use_linear_in_transformer=True,
-    num_heads=-1,
-    num_head_channels=16,
 )
 
 # The same architectures in HyperAlign's terms (hyperalign.targets.UNetArch / DiTArch fields).
@@ -92,7 +91,7 @@ SD15_ARCH = {
 }
 FLUX_ARCH = {"hidden_size": 64, "depth": 2, "depth_single_blocks": 1, "mlp_ratio": 4.0}
 SDXL_ARCH = {
-    "block_channels": [32, 64, 64],
+    "block_channels": [32, 64, 128],
     "transformer_depths": [0, 1, 2],
     "mid_depth": 2,
     "layers_per_block": 1,
