@@ -26,7 +26,7 @@ from . import data as data_mod
 from .adapters import load_adapter
 from .checkpoint import load_checkpoint, resolve_resume
 from .config import TrainConfig
-from .models import DTYPES, FamilyAdapter, Schedule
+from .models import DTYPES, FamilyAdapter, SamplingSteps
 from .rewards import RewardSet
 
 logger = logging.getLogger("training")
@@ -41,9 +41,9 @@ class Trainer:
     hypernet: torch.nn.Module  # the prepared (DDP/FSDP) hypernet
     hcfg: object
     optimizer: object
-    scheduler: object
+    lr_schedule: object  # torch LambdaLR, stepped once per optimizer step
     rewards: RewardSet | None
-    schedule: Schedule
+    steps: SamplingSteps  # the sampling steps of rollouts
     keysteps: tuple[float, ...]
     prompts: object = None  # iterator of reward-prompt micro-batches
     preferences: object = None  # iterator of preference micro-batches
@@ -51,10 +51,23 @@ class Trainer:
     consumed: dict = field(default_factory=dict)  # samples consumed per stream before `start_step`
     start_step: int = 0
 
+    # Transition only: training/loop.py, training/toy/table.py and benchmarks/trainer_step.py still use the old
+    # names (family, schedule, scheduler); remove these once they read adapter, steps and lr_schedule.
     @property
     def family(self) -> FamilyAdapter:
-        """Transition only: training/loop.py and training/toy/table.py still read `tr.family`; use `tr.adapter`."""
         return self.adapter
+
+    @property
+    def schedule(self) -> SamplingSteps:
+        return self.steps
+
+    @property
+    def scheduler(self):
+        return self.lr_schedule
+
+    @scheduler.setter
+    def scheduler(self, value) -> None:
+        self.lr_schedule = value
 
     @property
     def global_batch(self) -> int:
@@ -199,8 +212,8 @@ def build(cfg: TrainConfig, accelerator, with_data: bool = True) -> Trainer:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
-    # the scheduler is stepped by hand once per optimizer step: accelerate would step it once per process
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+    # the LR schedule is stepped by hand once per optimizer step: accelerate would step it once per process
     hypernet, optimizer = accelerator.prepare(model, optimizer)
     rewards = RewardSet(cfg.rewards, device, DTYPES[cfg.model.base_dtype]) if cfg.rewards else None
     trainer = Trainer(
@@ -211,14 +224,14 @@ def build(cfg: TrainConfig, accelerator, with_data: bool = True) -> Trainer:
         hypernet,
         hcfg,
         optimizer,
-        scheduler,
+        lr_schedule,
         rewards,
-        adapter.schedule(cfg.sampling.num_steps),
+        adapter.sampling_steps(cfg.sampling.num_steps),
         keysteps,
     )
     checkpoint = resolve_resume(cfg.run_dir, cfg.run.resume)
     if checkpoint:
-        state = load_checkpoint(accelerator, checkpoint, hypernet, optimizer, scheduler)
+        state = load_checkpoint(accelerator, checkpoint, hypernet, optimizer, lr_schedule)
         trainer.step = trainer.start_step = int(state["step"])
         trainer.consumed = state["data"]
         logger.info("resumed from %s at step %d", checkpoint, trainer.step)

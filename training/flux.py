@@ -14,7 +14,7 @@ from hyperalign.hypernet import feature_tokens
 from hyperalign.schedule import progress_of_timestep
 from hyperalign.targets import FLUX, DiTArch
 
-from .models import Cond, FamilyAdapter, Schedule, load_diffusers, load_transformers
+from .models import Cond, FamilyAdapter, SamplingSteps, load_diffusers, load_transformers
 
 
 def dit_arch(transformer) -> DiTArch:
@@ -57,7 +57,7 @@ class FluxAdapter(FamilyAdapter):
         super().__init__(cfg, device, dtype)
         self.denoiser, self.vae = transformer, vae
         self.clip, self.clip_tokenizer, self.t5, self.t5_tokenizer = clip, clip_tokenizer, t5, t5_tokenizer
-        self.scheduler = scheduler
+        self.flow_match = scheduler  # FlowMatchEulerDiscreteScheduler: only its (resolution-dependent) sigma shift
         self.arch = dit_arch(transformer)
         self.feature_dim = self.arch.hidden_size
         self.context_dim = int(transformer.config.pooled_projection_dim)
@@ -95,12 +95,12 @@ class FluxAdapter(FamilyAdapter):
 
     # time ----------------------------------------------------------------------------------------
     def _mu(self) -> float | None:
-        if not self.scheduler.config.get("use_dynamic_shifting", False):
+        if not self.flow_match.config.get("use_dynamic_shifting", False):
             return None
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         side = self.cfg.resolution // self.vae_scale
-        c = self.scheduler.config
+        c = self.flow_match.config
         return calculate_shift(
             (side // 2) ** 2,
             c.get("base_image_seq_len", 256),
@@ -111,14 +111,14 @@ class FluxAdapter(FamilyAdapter):
 
     def _shifted(self, sigmas: list[float]) -> list[float]:
         """The scheduler's own (resolution-dependent) shift applied to `sigmas`; a terminal 0 is appended."""
-        self.scheduler.set_timesteps(sigmas=sigmas, mu=self._mu())
-        return [float(s) for s in self.scheduler.sigmas]
+        self.flow_match.set_timesteps(sigmas=sigmas, mu=self._mu())
+        return [float(s) for s in self.flow_match.sigmas]
 
-    def schedule(self, num_steps: int) -> Schedule:
+    def sampling_steps(self, num_steps: int) -> SamplingSteps:
         base = [1.0 - i / num_steps for i in range(num_steps)]  # linspace(1, 1/N, N), as the FLUX pipeline
         sigmas = self._shifted(base)
         t = sigmas[:-1]
-        return Schedule(t=t, progress=[self.progress(s) for s in t], sigmas=sigmas)
+        return SamplingSteps(t=t, progress=[self.progress(s) for s in t], sigmas=sigmas)
 
     def progress(self, sigma: float) -> float:
         return progress_of_timestep(float(sigma), None)
@@ -181,8 +181,8 @@ class FluxAdapter(FamilyAdapter):
     def x0(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x - t.view(-1, 1, 1, 1) * v
 
-    def step(self, x: torch.Tensor, v: torch.Tensor, i: int, schedule: Schedule) -> torch.Tensor:
-        return x + (schedule.sigmas[i + 1] - schedule.sigmas[i]) * v
+    def step(self, x: torch.Tensor, v: torch.Tensor, i: int, steps: SamplingSteps) -> torch.Tensor:
+        return x + (steps.sigmas[i + 1] - steps.sigmas[i]) * v
 
     def noise_for_preference(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
         """Rectified-flow noising at the shifted sigma(u): returns x_t, sigma, progress and the velocity target."""

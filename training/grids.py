@@ -22,19 +22,19 @@ def to_uint8_grid(rows: list[torch.Tensor]) -> np.ndarray:
 
 @torch.no_grad()
 def generate_images(tr, prompts: list[str], seeds: list[int]) -> list[torch.Tensor]:
-    cfg, family = tr.cfg, tr.family
-    schedule = family.schedule(cfg.sampling.num_steps)
-    shape = family.latent_shape(1)[1:]
+    cfg, adapter = tr.cfg, tr.adapter
+    steps = adapter.sampling_steps(cfg.sampling.num_steps)
+    shape = adapter.latent_shape(1)[1:]
     rows = []
     for prompt in prompts:
-        cond = family.encode_prompts([prompt] * len(seeds), uncond=cfg.sampling.guidance != 1.0)
-        x = per_sample_noise(shape, seeds, family.device)
+        cond = adapter.encode_prompts([prompt] * len(seeds), uncond=cfg.sampling.guidance != 1.0)
+        x = per_sample_noise(shape, seeds, adapter.device)
         trajectory = Trajectory(
-            family, tr.hypernet, tr.hcfg, cond, schedule, cfg.sampling.guidance, cfg.objective.mode, tr.keysteps
+            adapter, tr.hypernet, tr.hcfg, cond, steps, cfg.sampling.guidance, cfg.objective.mode, tr.keysteps
         )
         with tr.accelerator.autocast():
             latents, _ = trajectory.generate(x)
-        rows.append(family.decode(latents).float().cpu())
+        rows.append(adapter.decode(latents).float().cpu())
     return rows
 
 

@@ -37,13 +37,13 @@ def base_x0_curves(
     """(num_steps, samples, c, h, w): the base model's x0 prediction at every step of every trajectory."""
     from .sampling import Trajectory, per_sample_noise
 
-    schedule = adapter.schedule(num_steps)
+    steps = adapter.sampling_steps(num_steps)
     shape = adapter.latent_shape(1)[1:]
     chunks = []
     for start in range(0, len(seeds), batch):
         part_prompts, part_seeds = prompts[start : start + batch], seeds[start : start + batch]
         cond = adapter.encode_prompts(part_prompts, uncond=guidance != 1.0)
-        trajectory = Trajectory(adapter, None, None, cond, schedule, guidance)
+        trajectory = Trajectory(adapter, None, None, cond, steps, guidance)
         _, x0s = trajectory.generate(per_sample_noise(shape, part_seeds, adapter.device), collect_x0=True)
         chunks.append(torch.stack(x0s))  # (steps, b, c, h, w)
     return torch.cat(chunks, dim=1)
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         curves = base_x0_curves(
             adapter, prompts, list(range(args.samples)), cfg.sampling.num_steps, cfg.sampling.guidance, args.batch
         )
-        schedule = adapter.schedule(cfg.sampling.num_steps)
-        keysteps, detail = discover_keysteps(curves, args.num, schedule.progress)
+        steps = adapter.sampling_steps(cfg.sampling.num_steps)
+        keysteps, detail = discover_keysteps(curves, args.num, steps.progress)
         result = {
             "keysteps": keysteps,
             "num_steps": cfg.sampling.num_steps,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "base_model": cfg.model.path,
             "samples": args.samples,
             "prompt_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-            "progress": schedule.progress,
+            "progress": steps.progress,
             **detail,
         }
         write_json(out, result)  # train and export read it: never half-written

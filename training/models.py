@@ -6,12 +6,12 @@ one per family and loads it). An adapter owns the frozen denoiser, VAE, text enc
 what the trainer needs in one vocabulary (shape legend: b samples, c latent channels, h/w latent size):
 
 - ``encode_prompts(prompts, uncond) -> Cond``: text encodings, and the hypernet's context;
-- ``schedule(num_steps) -> Schedule``: model timesteps and progress (0 = noise) per sampling step;
+- ``sampling_steps(num_steps) -> SamplingSteps``: model timesteps and progress (0 = noise) per sampling step;
 - ``features(x, t, cond)``: perception-encoder tokens from the frozen model's own modules, no LoRA;
 - ``predict(x, t, cond, factors, guidance)``: the model output (SD1.5 eps, FLUX velocity), guidance applied, under
   the per-sample LoRA bound by ``with adapter.bound(factors, rows, samples):`` (``factors=None`` inside the block);
   ``rows(cond, guidance, samples)`` is how many rows that call has;
-- ``x0(x, pred, t)``, ``step(x, pred, i, schedule)``: one-step clean prediction and the sampler step;
+- ``x0(x, pred, t)``, ``step(x, pred, i, steps)``: one-step clean prediction and the sampler step;
 - ``decode(latents) -> images in [0, 1]``, ``encode(images) -> latents``;
 - ``noise_for_preference(x0, noise, u)``: x_t, t, progress and the denoising target for L_G.
 
@@ -50,13 +50,16 @@ class Cond:
 
 
 @dataclass
-class Schedule:
-    """Per sampling step i: the model's timestep input t[i] and the progress (0 = noise, 1 = clean)."""
+class SamplingSteps:
+    """Per sampling step i: the model's timestep input t[i] and the progress (0 = noise, 1 = clean).
+
+    Words in the trainer: "sampling steps" are these; "keysteps" are P mode's (hyperalign.schedule); the "LR
+    schedule" is the optimizer's (Trainer.lr_schedule); "ddim" is diffusers' DDIM scheduler that SD steps with."""
 
     t: list[float]
     progress: list[float]
     sigmas: list[float] | None = None  # FLUX: N + 1 values, the last 0
-    scheduler: object = None  # SD1.5: the DDIM scheduler set to these steps
+    ddim: object = None  # SD: the DDIM scheduler set to these steps
 
     def __len__(self) -> int:
         return len(self.t)
@@ -136,6 +139,10 @@ class FamilyAdapter:
             yield
         finally:
             self.state.factors, self.state._bound = saved
+
+    def schedule(self, num_steps: int) -> SamplingSteps:
+        """Transition only: training/evaluate.py and training/toy/table.py still call it; use sampling_steps()."""
+        return self.sampling_steps(num_steps)
 
     # shared helpers -----------------------------------------------------------------------------
     def frozen(self) -> list[nn.Module]:

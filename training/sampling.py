@@ -18,7 +18,7 @@ import torch
 
 from hyperalign.runtime import AlignRun
 
-from .models import Cond, FamilyAdapter, Schedule
+from .models import Cond, FamilyAdapter, SamplingSteps
 
 
 @dataclass
@@ -58,22 +58,22 @@ class Trajectory:
         hypernet,
         hcfg,
         cond: Cond,
-        schedule: Schedule,
+        steps: SamplingSteps,
         guidance: float,
         mode: str = "S",
         keysteps=(0.0,),
     ):
         self.adapter, self.hypernet, self.hcfg, self.cond = adapter, hypernet, hcfg, cond
-        self.schedule, self.guidance = schedule, guidance
+        self.steps, self.guidance = steps, guidance
         self.run = AlignRun(mode, tuple(keysteps))
         self.last: HypernetInputs | None = None
 
     def _predictor(self, i: int, x: torch.Tensor) -> Callable:
         def predict():
             b = x.shape[0]
-            t = self.adapter.timesteps(self.schedule.t[i], b)
+            t = self.adapter.timesteps(self.steps.t[i], b)
             features = self.adapter.features(x, t, self.cond, self.hcfg, self.guidance)
-            progress = torch.full((b,), self.schedule.progress[i], device=x.device)
+            progress = torch.full((b,), self.steps.progress[i], device=x.device)
             self.last = HypernetInputs(i, features, progress, self.cond.context)
             return self.last.run(self.hypernet)
 
@@ -82,22 +82,22 @@ class Trajectory:
     def factors_at(self, i: int, x: torch.Tensor):
         if self.hypernet is None:
             return None
-        return self.run.factors_at(i, self.schedule.progress[i], self._predictor(i, x))
+        return self.run.factors_at(i, self.steps.progress[i], self._predictor(i, x))
 
     def model_step(self, i: int, x: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:
         """(next x, one-step x0 prediction) from step i."""
         b = x.shape[0]
-        t = self.adapter.timesteps(self.schedule.t[i], b)
+        t = self.adapter.timesteps(self.steps.t[i], b)
         with self.adapter.bound(factors, self.adapter.rows(self.cond, self.guidance, b), b):
             pred = self.adapter.predict(x, t, self.cond, None, self.guidance)
-        return self.adapter.step(x, pred, i, self.schedule), self.adapter.x0(x, pred, t)
+        return self.adapter.step(x, pred, i, self.steps), self.adapter.x0(x, pred, t)
 
     @torch.no_grad()
     def rollout(self, x: torch.Tensor, stop: int) -> tuple[torch.Tensor, HypernetInputs | None]:
         """x at step `stop` (steps 0..stop-1 run) and the inputs of the prediction in force at `stop`."""
         for i in range(stop):
             x, _ = self.model_step(i, x, self.factors_at(i, x))
-        if stop < len(self.schedule):
+        if stop < len(self.steps):
             self.factors_at(stop, x)
         return x, self.last
 
@@ -105,7 +105,7 @@ class Trajectory:
     def generate(self, x: torch.Tensor, collect_x0: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final latents of the whole trajectory, and the x0 prediction of every step if asked."""
         x0s = []
-        for i in range(len(self.schedule)):
+        for i in range(len(self.steps)):
             x, x0 = self.model_step(i, x, self.factors_at(i, x))
             if collect_x0:
                 x0s.append(x0.float().cpu())

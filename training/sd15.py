@@ -12,7 +12,7 @@ from hyperalign.hypernet import feature_tokens
 from hyperalign.schedule import progress_of_timestep
 from hyperalign.targets import SD15, UNetArch
 
-from .models import Cond, FamilyAdapter, Schedule, load_diffusers, load_transformers
+from .models import Cond, FamilyAdapter, SamplingSteps, load_diffusers, load_transformers
 
 
 def _uniform(value, what: str) -> int:
@@ -55,7 +55,7 @@ class SD15Adapter(FamilyAdapter):
         self.feature_dim = int(unet.config.block_out_channels[-1])
         self.context_dim = int(unet.config.cross_attention_dim)
         self.num_train_timesteps = int(scheduler_config["num_train_timesteps"])
-        self.alphas = self._scheduler(1).alphas_cumprod.to(self.device, torch.float32)  # (T,)
+        self.alphas = self._ddim(1).alphas_cumprod.to(self.device, torch.float32)  # (T,)
 
     @classmethod
     def load(cls, cfg, device, dtype) -> SD15Adapter:
@@ -75,16 +75,16 @@ class SD15Adapter(FamilyAdapter):
     def frozen(self):
         return [self.denoiser, self.vae, self.text_encoder]
 
-    def _scheduler(self, num_steps: int):
+    def _ddim(self, num_steps: int):
         from diffusers import DDIMScheduler
 
         # set_alpha_to_one: the last step lands on the clean latent (sigma 0), as ComfyUI's samplers do; SD1.5's own
         # scheduler config says false, which would stop at alphas_cumprod[0] (sigma 0.029) and leave that noise in
-        scheduler = DDIMScheduler.from_config(
+        ddim = DDIMScheduler.from_config(
             self.scheduler_config, timestep_spacing=self.cfg.timestep_spacing, set_alpha_to_one=True
         )
-        scheduler.set_timesteps(num_steps)
-        return scheduler
+        ddim.set_timesteps(num_steps)
+        return ddim
 
     # prompts -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -100,10 +100,10 @@ class SD15Adapter(FamilyAdapter):
         return Cond(list(prompts), context, tensors)
 
     # time ----------------------------------------------------------------------------------------
-    def schedule(self, num_steps: int) -> Schedule:
-        scheduler = self._scheduler(num_steps)
-        t = [float(v) for v in scheduler.timesteps]
-        return Schedule(t=t, progress=[self.progress(v) for v in t], scheduler=scheduler)
+    def sampling_steps(self, num_steps: int) -> SamplingSteps:
+        ddim = self._ddim(num_steps)
+        t = [float(v) for v in ddim.timesteps]
+        return SamplingSteps(t=t, progress=[self.progress(v) for v in t], ddim=ddim)
 
     def progress(self, timestep: float) -> float:
         return progress_of_timestep(float(timestep), self.num_train_timesteps)
@@ -155,8 +155,8 @@ class SD15Adapter(FamilyAdapter):
         alpha = self._alpha(t)
         return (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
 
-    def step(self, x: torch.Tensor, eps: torch.Tensor, i: int, schedule: Schedule) -> torch.Tensor:
-        return schedule.scheduler.step(eps, int(schedule.t[i]), x, eta=0.0).prev_sample
+    def step(self, x: torch.Tensor, eps: torch.Tensor, i: int, steps: SamplingSteps) -> torch.Tensor:
+        return steps.ddim.step(eps, int(steps.t[i]), x, eta=0.0).prev_sample
 
     def noise_for_preference(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
         """DDPM forward noising at t = floor(u * T): returns x_t, t, progress and the eps target."""

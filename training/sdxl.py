@@ -71,7 +71,7 @@ class SDXLAdapter(SD15Adapter):
         self.feature_dim = int(unet.config.block_out_channels[-1])
         self.context_dim = int(unet.config.cross_attention_dim)
         self.num_train_timesteps = int(scheduler_config["num_train_timesteps"])
-        self.alphas = self._scheduler(1).alphas_cumprod.to(self.device, torch.float32)  # (T,)
+        self.alphas = self._ddim(1).alphas_cumprod.to(self.device, torch.float32)  # (T,)
 
     @classmethod
     def load(cls, cfg, device, dtype) -> SDXLAdapter:

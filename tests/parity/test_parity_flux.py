@@ -87,7 +87,7 @@ def hosts(comfy_host, hyperalign_pack, tmp_path_factory):
     converted = comfy.model_detection.convert_diffusers_mmdit(state, "")
     assert not state, f"diffusers weights ComfyUI's converter left out: {sorted(state)[:5]}"
     latent = torch.zeros(family.latent_shape(len(PROMPTS)))
-    shift = family.scheduler.config
+    shift = family.flow_match.config
     side = latent.shape[-1] * 8  # the node counts image tokens from pixels of an 8x VAE
     base = ModelSamplingFlux().patch(
         parity_lib.comfy_model(config, converted), shift.max_shift, shift.base_shift, side, side
@@ -107,7 +107,7 @@ def hosts(comfy_host, hyperalign_pack, tmp_path_factory):
         family=family,
         hypernet=hypernet,
         hcfg=hcfg,
-        schedule=family.schedule(STEPS),
+        schedule=family.sampling_steps(STEPS),
         cond=cond,
         negative=negative,
         predictor_path=predictor_path,

@@ -80,7 +80,7 @@ def hosts(comfy_host, hyperalign_pack, tmp_path_factory):
         family=family,
         hypernet=hypernet,
         hcfg=hcfg,
-        schedule=family.schedule(STEPS),
+        schedule=family.sampling_steps(STEPS),
         cond=cond,
         predictor_path=predictor_path,
         base=base,
@@ -131,7 +131,7 @@ def test_sigma_and_timestep_conventions_agree(hosts):
     sigmas = comfy.samplers.calculate_sigmas(ms, "simple", STEPS)
     assert [float(ms.timestep(s)) for s in sigmas[:-1]] == hosts.schedule.t == [999.0, 799.0, 599.0, 399.0, 199.0]
     # both runs end on the clean latent: ComfyUI at sigma 0, the trainer's last DDIM step at alpha 1
-    assert float(sigmas[-1]) == 0.0 and float(hosts.schedule.scheduler.final_alpha_cumprod) == 1.0
+    assert float(sigmas[-1]) == 0.0 and float(hosts.schedule.ddim.final_alpha_cumprod) == 1.0
 
 
 # ComfyUI scheduler -> the trainer's model.timestep_spacing that walks the same timesteps, and how far apart they
@@ -155,7 +155,7 @@ def test_training_spacing_walks_comfyui_scheduler_timesteps(hosts, comfy_schedul
     saved = family.cfg
     family.cfg = dataclasses.replace(saved, timestep_spacing=spacing)
     try:
-        trainer_t = family.schedule(steps).t
+        trainer_t = family.sampling_steps(steps).t
     finally:
         family.cfg = saved
     assert len(trainer_t) == len(comfy_t) == steps

@@ -45,12 +45,12 @@ def test_sd15_arch_targets_and_frozen(sd15):
 
 def test_sd15_schedule_progress_and_x0(sd15):
     family, _ = sd15
-    schedule = family.schedule(4)
+    schedule = family.sampling_steps(4)
     assert schedule.t == [999.0, 749.0, 499.0, 249.0]
     assert schedule.progress[0] == 0.0 and schedule.progress[1] == pytest.approx(1 - 749 / 999)
     x, eps = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     t = family.timesteps(749, 2)
-    reference = schedule.scheduler.step(eps, 749, x).pred_original_sample
+    reference = schedule.ddim.step(eps, 749, x).pred_original_sample
     assert torch.allclose(family.x0(x, eps, t), reference, atol=1e-5)
     x0 = torch.randn(2, 4, 16, 16)
     x_t, t, progress, target = family.noise_for_preference(x0, eps, torch.tensor([0.0, 0.9995]))
@@ -157,10 +157,10 @@ def test_flux_schedule_x0_and_euler_step(flux):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     family, _ = flux
-    schedule = family.schedule(4)
+    schedule = family.sampling_steps(4)
     assert schedule.t[0] == pytest.approx(1.0) and schedule.sigmas[-1] == 0.0
     assert schedule.progress == pytest.approx([1 - s for s in schedule.t])
-    reference = FlowMatchEulerDiscreteScheduler.from_config(family.scheduler.config)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(family.flow_match.config)
     reference.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=family._mu())
     assert schedule.sigmas == pytest.approx(reference.sigmas.tolist())
     x, v = torch.randn(1, 16, 16, 16), torch.randn(1, 16, 16, 16)

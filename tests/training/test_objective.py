@@ -154,7 +154,7 @@ def test_modes_use_the_intended_lora_at_each_step(mode, tiny_sd15, prefs, tmp_pa
         bound.append(getattr(factors, "progress", None)),
         original_bind(factors, rows, samples),
     )[1]
-    schedule = tr.schedule
+    schedule = tr.steps
     cond = family.encode_prompts(["a cat"], uncond=True)
     x = per_sample_noise(family.latent_shape(1)[1:], [0], "cpu")
     expect = EXPECTED_PREDICTION_STEP[mode]
