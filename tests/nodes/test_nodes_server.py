@@ -242,7 +242,7 @@ def _check_widget_values(node: dict, spec: dict) -> None:
 
 @pytest.mark.comfy
 @pytest.mark.slow
-@pytest.mark.parametrize("workflow", ["hyperalign_sd15.json", "hyperalign_flux.json"])
+@pytest.mark.parametrize("workflow", ["hyperalign_sd15.json", "hyperalign_sdxl.json", "hyperalign_flux.json"])
 def test_example_workflows_match_the_running_server(server, workflow):
     info = _get(f"{server.url}/object_info", timeout=60)
     document = json.loads((REPO_ROOT / "example_workflows" / workflow).read_text())
