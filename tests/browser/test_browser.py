@@ -1,18 +1,23 @@
-"""The frontend extension in a real browser against a real ComfyUI server.
+"""The frontend extension in a real browser against a real ComfyUI server, on two frontends.
 
 Starts ComfyUI (COMFYUI_PATH) as a server on a free port with an isolated base directory holding
 this pack and the tiny-model test pack (tests/nodes/testing_pack) as custom nodes and a tiny
 predictor in models/hyperalign, then runs web/tests/browser/run.mjs: headless Debian Chromium
-driven by playwright-core builds a graph, runs it and checks the widgets and the chart data.
+driven by playwright-core builds a graph, runs it and checks the widgets and the chart data, in
+canvas mode and in Nodes 2.0 mode (one page, both modes). Once per frontend, one server each:
+  pinned   the comfyui-frontend-package the host's requirements pin (installed in .venv)
+  newest   the newest one, which scripts/setup_env.sh installs beside the host into
+           .comfyui/frontends/<version> (WITH_BROWSER=1) and the server serves with --front-end-root
 
-Artifacts (screenshot, browser console, server log, widget state) go to test-artifacts/browser/.
-HYPERALIGN_UPDATE_SCREENSHOT=1 also writes the README's docs/images/hyperalign-nodes.png.
-Skipped without Chromium (CHROMIUM_PATH, default /usr/bin/chromium) unless CI is set: CI installs
-it (WITH_BROWSER=1 scripts/setup_env.sh), so there a missing browser is a failure.
+Artifacts (screenshot, browser console, server log, results) go to test-artifacts/browser/<frontend>/.
+HYPERALIGN_UPDATE_SCREENSHOT=1 also writes the README's docs/images/hyperalign-nodes.png (newest).
+Skipped without Chromium (CHROMIUM_PATH, default /usr/bin/chromium) or the newest frontend unless
+CI is set: CI installs both (WITH_BROWSER=1 scripts/setup_env.sh), so there a missing one is a failure.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -37,6 +42,7 @@ RUNNER = REPO / "web" / "tests" / "browser" / "run.mjs"
 TESTING_PACK = REPO / "tests" / "nodes" / "testing_pack"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 README_IMAGE = REPO / "docs" / "images" / "hyperalign-nodes.png"
+FRONTENDS_DIR = REPO / ".comfyui" / "frontends"
 PREDICTOR = "tiny_sd15.safetensors"
 SERVER_START_S = 180  # ComfyUI imports every comfy_extras module: ~30 s on 2 busy cores
 RUNNER_S = 300
@@ -51,6 +57,19 @@ def _require(condition: bool, what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} (CI must provide it: WITH_BROWSER=1 scripts/setup_env.sh)")
     pytest.skip(what)
+
+
+def _frontend(name: str) -> tuple[str, list[str]]:
+    """(version, extra server flags) of the frontend `name` ("pinned" or "newest")."""
+    if name == "pinned":
+        return importlib.metadata.version("comfyui-frontend-package"), []
+    roots = sorted(FRONTENDS_DIR.glob("*/comfyui_frontend_package/static/index.html"))
+    _require(
+        len(roots) == 1,
+        f"expected one frontend in {FRONTENDS_DIR}, found {len(roots)} (run WITH_BROWSER=1 scripts/setup_env.sh)",
+    )
+    static = roots[0].parent
+    return static.parents[1].name, ["--front-end-root", str(static)]
 
 
 def _testing_pack():
@@ -104,21 +123,25 @@ def _wait_for_nodes(url: str, server: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def comfy_server(comfy_host, tmp_path_factory):
-    """A ComfyUI server with an isolated base directory; yields its URL and stops it afterwards."""
+def comfy_server(request, comfy_host, tmp_path_factory):
+    """A ComfyUI server with an isolated base directory serving the frontend `request.param` (default
+    "pinned"); yields (url, frontend name, frontend version) and stops the server afterwards."""
+    name = getattr(request, "param", "pinned")
+    version, frontend_flags = _frontend(name)
     base = tmp_path_factory.mktemp("browser") / "comfy"
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "ComfyUI-HyperAlign").symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "hyperalign_testing_pack").symlink_to(TESTING_PACK, target_is_directory=True)
     _write_predictor(base / "models" / "hyperalign" / PREDICTOR, _testing_pack().tiny.SD15_ARCH)
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = ARTIFACTS / "server.log"
+    artifacts = ARTIFACTS / name
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log = artifacts / "server.log"
     port = _free_port()
     # --disable-api-nodes: no comfy.org nodes, and the frontend makes no internet requests
     flags = "--cpu --listen 127.0.0.1 --disable-auto-launch --disable-api-nodes --database-url sqlite:///:memory:"
     flags = flags.split()
-    command = [sys.executable, "main.py", *flags, "--port", str(port), "--base-directory", str(base)]
+    command = [sys.executable, "main.py", *flags, *frontend_flags, "--port", str(port), "--base-directory", str(base)]
     # One thread: the tiny models are all per-op overhead, and a second OpenMP thread fighting the
     # browser for 2 cores made a 10-step run take 25 s instead of 1 s.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -127,7 +150,7 @@ def comfy_server(comfy_host, tmp_path_factory):
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_for_nodes(url, server, log)
-        yield url
+        yield url, name, version
     finally:
         server.terminate()
         try:
@@ -149,9 +172,11 @@ def browser_tools():
     return node
 
 
+@pytest.mark.parametrize("comfy_server", ["pinned"], indirect=True)
 def test_the_extension_is_served_once(comfy_server):
     """Only web/js, once: web/ also holds node_modules and tests, and a second copy is rejected."""
-    with urllib.request.urlopen(f"{comfy_server}/api/extensions", timeout=10) as response:
+    url, _, _ = comfy_server
+    with urllib.request.urlopen(f"{url}/api/extensions", timeout=10) as response:
         urls = json.load(response)
     web = REPO / "web" / "js"
     files = {path.relative_to(web).as_posix() for path in web.rglob("*.js")}
@@ -199,10 +224,12 @@ def _api_prompt(seed: int) -> dict:
     }
 
 
+@pytest.mark.parametrize("comfy_server", ["pinned"], indirect=True)
 def test_api_prompt_runs_without_a_browser(comfy_server):
     """No frontend connected: the UI events have no listener and the prompt still succeeds."""
+    url, _, _ = comfy_server
     request = urllib.request.Request(
-        f"{comfy_server}/api/prompt",
+        f"{url}/api/prompt",
         data=json.dumps({"prompt": _api_prompt(7)}).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -210,7 +237,7 @@ def test_api_prompt_runs_without_a_browser(comfy_server):
         prompt_id = json.load(response)["prompt_id"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{comfy_server}/api/history/{prompt_id}", timeout=10) as response:
+        with urllib.request.urlopen(f"{url}/api/history/{prompt_id}", timeout=10) as response:
             entry = json.load(response).get(prompt_id)
         if entry and entry.get("status", {}).get("completed") is not None:
             break
@@ -222,18 +249,22 @@ def test_api_prompt_runs_without_a_browser(comfy_server):
 
 
 @pytest.mark.timeout(SERVER_START_S + RUNNER_S + 60)
+@pytest.mark.parametrize("comfy_server", ["pinned", "newest"], indirect=True)
 def test_widgets_render_and_receive_the_run(browser_tools, comfy_server):
+    """Canvas and Nodes 2.0 mode: widgets, painted pixels, alignment, live and cached runs, console."""
+    url, name, version = comfy_server
     options = {
-        "url": comfy_server,
-        "out": ARTIFACTS,
+        "url": url,
+        "out": ARTIFACTS / name,
         "predictor": PREDICTOR,
         "chromium": CHROMIUM,
+        "frontend": version,
         "timeout": RUNNER_S - 20,
     }
-    command = [browser_tools, str(RUNNER), *(f"--{name}={value}" for name, value in options.items())]
-    if os.environ.get("HYPERALIGN_UPDATE_SCREENSHOT") == "1":
+    command = [browser_tools, str(RUNNER), *(f"--{key}={value}" for key, value in options.items())]
+    if name == "newest" and os.environ.get("HYPERALIGN_UPDATE_SCREENSHOT") == "1":
         command += ["--screenshot", str(README_IMAGE)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUNNER_S, check=False)
     print(result.stdout)
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-    assert (ARTIFACTS / "hyperalign-nodes.png").stat().st_size > 10_000
+    assert (ARTIFACTS / name / "hyperalign-nodes.png").stat().st_size > 10_000

@@ -116,7 +116,8 @@ function chartSummary(run, calls, steps, callSeconds) {
   const mode = run?.mode ? `${run.mode} · ` : "";
   const seconds = Number.isFinite(Number(run?.seconds)) ? Number(run.seconds) : callSeconds;
   const live = run?.live ? " (sampling…)" : "";
-  return `${cached}${mode}${calls} hypernet call${calls === 1 ? "" : "s"} / ${steps} steps · ${formatSeconds(seconds)}${live}`;
+  const counts = `${calls} hypernet call${calls === 1 ? "" : "s"} / ${steps} steps`;
+  return `${cached}${mode}${counts} · ${formatSeconds(seconds)}${live}`;
 }
 
 /** Pixel mapping of a chart inside `box` {x, y, width, height}: step -> x, value -> y per axis. */

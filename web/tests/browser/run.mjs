@@ -1,7 +1,7 @@
 // Browser test of the HyperAlign frontend extension against a running ComfyUI server.
 //
 //   node web/tests/browser/run.mjs --url http://127.0.0.1:8188 [--out test-artifacts/browser]
-//        [--chromium /usr/bin/chromium] [--screenshot docs/images/hyperalign-nodes.png]
+//        [--chromium /usr/bin/chromium] [--screenshot docs/images/hyperalign-nodes.png] [--frontend 1.58.1]
 //
 // The server must have this pack and tests/nodes/testing_pack (tiny models) loaded and a predictor
 // named by --predictor in models/hyperalign; tests/browser/test_browser.py sets all of that up, once
@@ -48,6 +48,7 @@ const { values: opts } = parseArgs({
     predictor: { type: "string", default: "tiny_sd15.safetensors" },
     screenshot: { type: "string" },
     timeout: { type: "string", default: "240" },
+    frontend: { type: "string" }, // the frontend version the server must serve
   },
 });
 if (!opts.url) {
@@ -62,12 +63,14 @@ const COLOURS = {
   norm: [0x8f, 0xd1, 0x6a],
   relative_change: [0xf5, 0xa2, 0x5b],
 };
-// our code, as the browser sees it: the extension's URLs and its messages
-const OURS = /extensions\/ComfyUI-HyperAlign\/|\[HyperAlign\]/i;
+// our code, as the browser sees it: the URLs the server gives the extension (found in main), and
+// the prefix of its console messages
+let ourRoot = null;
+const ours = (text) => (ourRoot !== null && String(text).includes(ourRoot)) || /\[HyperAlign\]/.test(text);
 const OUT = resolve(opts.out);
 const failures = [];
 const log = (...args) => console.log("[browser]", ...args);
-let phase = "";
+let phase = "setup";
 function check(condition, message) {
   if (!condition) failures.push(`${phase}: ${message}`);
   log(condition ? "ok  " : "FAIL", `${phase}: ${message}`);
@@ -139,7 +142,10 @@ async function canvasMode(page) {
   // Before any run: the plan from the widgets (mode S), then P with typed keysteps, then the link.
   await page.evaluate(() => window.app.canvas.draw(true, true));
   let state = await page.evaluate(pageState);
-  check(state.timeline?.steps === STEPS, `the timeline reads ${STEPS} steps from the KSampler (${state.timeline?.steps})`);
+  check(
+    state.timeline?.steps === STEPS,
+    `the timeline reads ${STEPS} steps from the KSampler (${state.timeline?.steps})`,
+  );
   check(state.timeline?.calls === STEPS, `mode S marks every step (${state.timeline?.calls})`);
   check(state.draws.timeline > 0 && state.chartOnGraphCanvas, "the widgets were painted on the graph canvas");
 
@@ -178,7 +184,10 @@ async function canvasMode(page) {
     `the timeline marks the steps the run predicted at (${state.timeline?.callSteps} vs ${runSteps}, ` +
       `basis ${state.timeline?.basis})`,
   );
-  check(state.draws.dynamics > 0 && state.chartHeight >= 140, `the chart was painted at full height (${state.chartHeight})`);
+  check(
+    state.draws.dynamics > 0 && state.chartHeight >= 140,
+    `the chart was painted at full height (${state.chartHeight})`,
+  );
 
   // Layout for the screenshot, then check what the canvas shows inside each widget.
   await page.evaluate(hideChrome);
@@ -219,7 +228,8 @@ async function canvasMode(page) {
   check(state.applyCached, "the Apply node knows its result came from the cache");
   check(
     state.chart?.calls === before.run?.calls?.length && /cache/.test(state.chart?.summary ?? ""),
-    `the chart keeps the last run and says it came from the cache (${state.chart?.calls} calls: "${state.chart?.summary}")`,
+    `the chart keeps the last run and says it came from the cache (${state.chart?.calls} calls: ` +
+      `"${state.chart?.summary}")`,
   );
   const cachedColours = await page.evaluate(canvasColourCounts);
   check(cachedColours.dynamics.norm > 20, "after the cached run the chart still shows the lines");
@@ -255,6 +265,11 @@ async function vueMode(page, seed) {
   // A new run (mode S, a new seed so the cache cannot answer) must reach the Vue canvases live.
   const before = await page.evaluate(pageState);
   await page.evaluate(setWidgets, { node: "apply", values: { mode: "S" } });
+  const edited = await page.evaluate(pageState);
+  check(
+    edited.draws.timeline > before.draws.timeline && edited.timeline?.calls === STEPS,
+    `editing the mode redraws the timeline in its Vue canvas (${edited.timeline?.label})`,
+  );
   await page.evaluate(setWidgets, { node: "sampler", values: { seed: seed + 1 } });
   const state = await runPrompt(page);
   check(
@@ -270,7 +285,10 @@ async function vueMode(page, seed) {
     state.chart?.calls === STEPS && !/cache/.test(state.chart.summary),
     `the chart shows the new run (${state.chart?.summary})`,
   );
-  check(state.timeline?.basis === "measured", `a run at every step gives the measured progress (${state.timeline?.basis})`);
+  check(
+    state.timeline?.basis === "measured",
+    `a run at every step gives the measured progress (${state.timeline?.basis})`,
+  );
   widgets = await page.evaluate(vueWidgets, { colours: COLOURS });
   check(
     widgets.dynamics?.counts?.norm > 20 && widgets.timeline?.counts?.call > 20,
@@ -283,6 +301,9 @@ async function main() {
   mkdirSync(OUT, { recursive: true });
   const settings = await fetch(new URL("/api/settings", opts.url), { method: "POST", body: JSON.stringify(SETTINGS) });
   check(settings.ok, `server accepts settings (HTTP ${settings.status})`);
+  const extensions = await (await fetch(new URL("/api/extensions", opts.url))).json();
+  ourRoot = new URL(extensions.find((u) => u.endsWith("/dynamics.js")).replace(/dynamics\.js$/, ""), opts.url).href;
+  log(`extension at ${ourRoot}`);
 
   const profile = mkdtempSync(join(tmpdir(), "hyperalign-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
@@ -310,11 +331,11 @@ async function main() {
     page.on("console", (m) => {
       const line = `[${m.type()}] ${m.text()} (${m.location()?.url ?? ""})`;
       consoleLines.push(line);
-      if (m.type() === "error" && OURS.test(line)) ourErrors.push(line);
+      if (m.type() === "error" && ours(line)) ourErrors.push(line);
     });
     page.on("pageerror", (e) => {
       consoleLines.push(`[pageerror] ${e.stack ?? e.message}`);
-      if (OURS.test(e.stack ?? e.message)) ourErrors.push(e.stack ?? e.message);
+      if (ours(e.stack ?? e.message)) ourErrors.push(e.stack ?? e.message);
     });
     log(`chromium ${context.browser()?.version() ?? ""} -> ${opts.url}`);
 
@@ -327,6 +348,8 @@ async function main() {
     results.frontend = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
     frontendVersion = results.frontend;
     log(`frontend ${results.frontend}`);
+    if (opts.frontend)
+      check(results.frontend === opts.frontend, `the server serves frontend ${opts.frontend} (${results.frontend})`);
     const watching = await page.evaluate(watchDeprecations);
     if (!watching) log("note: this frontend reports no deprecations (no LiteGraph.onDeprecationWarning)");
 
@@ -335,7 +358,7 @@ async function main() {
 
     phase = "both modes";
     const deprecations = await page.evaluate(() => window.__deprecations);
-    const ourDeprecations = deprecations.filter((d) => OURS.test(d.stack));
+    const ourDeprecations = deprecations.filter((d) => ours(d.stack));
     log(`deprecation warnings: ${deprecations.length} in all, ${ourDeprecations.length} from our code`);
     check(
       ourDeprecations.length === 0,
