@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                                   # SD1.5 + FLUX-shaped, the defaults below
     python benchmarks/overhead.py --family sd15 --steps 20 --batch 1 4 --latent 16 --runs 3
+    python benchmarks/overhead.py --family sdxl --steps 8 --batch 1 --latent 8 --runs 1   # the real SDXL UNet
 
 In one process: plain sampling (comfy.sample.sample, euler) and the same model patched by the
 HyperAlign Apply node in modes S, P (keysteps 0, 0.3, 0.6) and I, interleaved, after a warm-up.
@@ -9,7 +10,7 @@ Prints Markdown tables: seconds per image (median), the ratio to plain taken rou
 hypernet calls, extra peak memory; then where the time goes (one instrumented run per mode), the
 FLUX-shaped ratios carried to FLUX.1's real depth, and the hypernet's size for the real-size configs.
 Runs on CUDA when present (--device). --fuse never keeps the forward-hook path everywhere; --fuse always merges
-at batch 1 in I/P on CPU too (the default merges on GPUs only).
+at batch 1 wherever a layer allows it (the default, auto, merges where the cost model says it pays).
 """
 
 from __future__ import annotations
@@ -41,17 +42,17 @@ log = print
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", nargs="+", default=["sd15", "flux"], choices=["sd15", "flux"])
+    p.add_argument("--family", nargs="+", default=["sd15", "flux"], choices=["sd15", "sdxl", "flux"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--runs", type=int, default=3, help="timed rounds per configuration (after one warm-up)")
-    p.add_argument("--latent", type=int, default=16, help="SD1.5 latent side (16 = 128 px)")
+    p.add_argument("--latent", type=int, default=16, help="SD1.5 and SDXL latent side (16 = 128 px)")
     p.add_argument("--flux-latent", type=int, default=8, help="FLUX latent side (8 = 64 px = 16 image tokens)")
     p.add_argument("--flux-tokens", type=int, default=16, help="FLUX T5 tokens (ComfyUI pads real prompts to 256)")
     p.add_argument(
         "--flux-blocks", type=int, nargs=2, default=[2, 1], metavar=("DOUBLE", "SINGLE"), help="FLUX-shaped depth"
     )
-    p.add_argument("--cfg", type=float, default=5.0, help="SD1.5 CFG scale")
+    p.add_argument("--cfg", type=float, default=5.0, help="SD1.5 and SDXL CFG scale")
     p.add_argument("--flux-cfg", type=float, nargs="+", default=[3.5], help="FLUX CFG scales (1 = no negative)")
     p.add_argument("--flux-batch", type=int, nargs="+", default=None, help="FLUX batch sizes (default: --batch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -97,9 +98,10 @@ class FamilyBench:
             )[0]
         weights = sum(p.numel() for p in self.model.model.diffusion_model.parameters())
         log(f"{family}: model {weights / 1e6:.1f} M parameters, built in {time.perf_counter() - started:.0f} s")
-        self.latent = args.latent if family == "sd15" else args.flux_latent
-        self.tokens = 77 if family == "sd15" else args.flux_tokens
-        self.scheduler = "normal" if family == "sd15" else "simple"
+        unet = family in models.UNETS
+        self.latent = args.latent if unet else args.flux_latent
+        self.tokens = 77 if unet else args.flux_tokens
+        self.scheduler = "normal" if unet else "simple"
 
     def sampler(self, batch: int, cfg: float, steps: int):
         latent = models.empty_latent(self.family, batch, self.latent)
@@ -151,6 +153,8 @@ class FamilyBench:
                     spread_wall=s.ratio_spread("wall"),
                     ratio_cpu=s.ratio("cpu"),
                     spread_cpu=s.ratio_spread("cpu"),
+                    ratio_user=s.ratio("user"),
+                    spread_user=s.ratio_spread("user"),
                     calls=calls[id(self.configs[name])],
                     extra_mb=(memory[name] - memory["plain"]) / MB if memory else float("nan"),
                 )
@@ -249,8 +253,8 @@ def timing_table(rows: list[dict], cpu_metric: bool) -> str:
     head = "| model | batch | cfg | mode | s/image (wall) | ratio (wall) |"
     sep = "|---|---|---|---|---|---|"
     if cpu_metric:
-        head += " s/image (CPU) | ratio (CPU) |"
-        sep += "---|---|"
+        head += " s/image (CPU) | ratio (CPU) | ratio (user CPU) |"
+        sep += "---|---|---|"
     head += " hypernet calls | extra peak MB |"
     sep += "---|---|"
     lines = [head, sep]
@@ -261,6 +265,7 @@ def timing_table(rows: list[dict], cpu_metric: bool) -> str:
         )
         if cpu_metric:
             line += f" {r['cpu']:.3f} | {r['ratio_cpu']:.3f} ± {r['spread_cpu']:.3f} |"
+            line += f" {r['ratio_user']:.3f} ± {r['spread_user']:.3f} |"
         line += f" {r['calls']} | {r['extra_mb']:.0f} |"
         lines.append(line)
     return "\n".join(lines)
@@ -337,7 +342,7 @@ def sizes_table(benches: list[FamilyBench], args) -> str:
         "| predictor | targets | parameters | file fp32 MB | file bf16 MB |",
         "|---|---|---|---|---|",
     ]
-    for family in ("sd15", "flux"):
+    for family in ("sd15", "sdxl", "flux"):
         row = model_sizes.measure(family, None, models.hypernet_config(family).rank, "attn")
         lines.append(
             f"| {family} real size (scripts/model_sizes.py) | {row.targets} | {row.params / 1e6:.2f} M | "
@@ -345,7 +350,7 @@ def sizes_table(benches: list[FamilyBench], args) -> str:
         )
     for bench in benches:
         double, single = args.flux_blocks
-        shape = "real SD1.5" if bench.family == "sd15" else f"FLUX-shaped {double}+{single} blocks"
+        shape = {"sd15": "real SD1.5", "sdxl": "real SDXL"}.get(bench.family, f"FLUX-shaped {double}+{single} blocks")
         lines.append(
             f"| benchmark {bench.family} ({shape}), as saved | {len(bench.loaded.predictor.targets)} | "
             f"{bench.params / 1e6:.2f} M | {bench.file_bytes / MB:.1f} | |"
@@ -376,10 +381,10 @@ def code_version() -> str:
 
 def fusing_state(host, args) -> str:
     fuse = host.submodule("nodes.fuse")
-    policy = {True: "always", False: "never"}.get(fuse.FUSE, fuse.FUSE)
+    policy = fuse.policy()
     if policy == "never":
         return "off (--fuse never)"
-    where = "on GPUs (auto)" if policy == "auto" else "always"
+    where = "where the cost model says it pays (auto)" if policy == "auto" else "always"
     return f"{where}, at batch 1 in modes {', '.join(fuse.FUSE_MODES)}"
 
 
@@ -406,7 +411,7 @@ def main(argv=None) -> None:
         bench = FamilyBench(host, family, args, device, dtype)
         benches.append(bench)
         batches = args.flux_batch if (family == "flux" and args.flux_batch) else args.batch
-        cfgs = [args.cfg] if family == "sd15" else args.flux_cfg
+        cfgs = [args.cfg] if family in models.UNETS else args.flux_cfg
         for batch in batches:
             for cfg in cfgs:
                 rows += bench.time_all(batch, cfg)
@@ -420,7 +425,7 @@ def main(argv=None) -> None:
         f"Machine: {machine(device)}; ComfyUI at {models.DEFAULT_COMFYUI if not args.comfyui else args.comfyui}",
         f"Code: {code_version()}",
         f"Command: python benchmarks/overhead.py {' '.join(sys.argv[1:])}",
-        f"Steps {args.steps}, euler; SD1.5 latent {args.latent}x{args.latent}; FLUX-shaped "
+        f"Steps {args.steps}, euler; SD1.5/SDXL latent {args.latent}x{args.latent}; FLUX-shaped "
         f"{args.flux_blocks[0]} double + {args.flux_blocks[1]} single blocks, "
         f"latent {args.flux_latent}x{args.flux_latent}, "
         f"{args.flux_tokens} T5 tokens; {args.dtype}; fusing {fusing_state(host, args)}; "

@@ -1,12 +1,15 @@
 """Fused LoRA (merged into swapped weights, one sample) against the forward-hook path, in the real ComfyUI.
 
 Both paths must give the same latents (fp32, tight tolerance), the fused path must really be taken
-(every target module merged, no hooks), and the input MODEL's weights must be bit-identical and the
-very same Parameter objects after a fused run, after an exception inside a fused model call and
-after an interrupt.
+(every target module merged, no hooks), the cost-model policy must pick the path its costs say, layers
+loaded the way ComfyUI 0.33's dynamic VRAM loads them must merge when resident, and the input MODEL's
+weights must be bit-identical and the very same Parameter objects after a fused run, after an exception
+inside a fused model call and after an interrupt.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
@@ -25,8 +28,9 @@ def fuse(hyperalign_pack):
 
 @pytest.fixture(autouse=True)
 def fuse_on_cpu(fuse, monkeypatch):
-    """The default ("auto") fuses on GPUs only; these tests run the fused path on CPU."""
+    """These tests force the fused path (the default, "auto", asks the cost model); no measured costs carry over."""
     monkeypatch.setattr(fuse, "FUSE", "always")
+    monkeypatch.setattr(fuse, "_COSTS", weakref.WeakKeyDictionary())
 
 
 @pytest.fixture
@@ -85,33 +89,69 @@ def test_fused_equals_hooked(
 
 @pytest.mark.comfy
 @pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_batches_of_several_samples_keep_the_hooks(
-    comfy, tiny, base_models, predictors, node, fuse, merges, family
-):
+def test_batches_of_several_samples_keep_the_hooks(comfy, tiny, base_models, predictors, node, fuse, merges, family):
     patched = apply(node, base_models[family], predictors[f"{family}_a"], mode="I")
     sample(comfy, tiny, patched, family, 2, steps=2)
     assert merges == []
 
 
 @pytest.mark.comfy
-def test_auto_policy_fuses_on_accelerators_only(fuse, monkeypatch):
-    monkeypatch.setattr(fuse, "FUSE", "auto")
-    assert fuse.fuse_on(torch.device("cuda", 0)) and fuse.fuse_on(torch.device("xpu"))
-    assert not fuse.fuse_on(torch.device("cpu"))
-    for forced, expected in (("always", True), ("never", False), (True, True), (False, False)):
+def test_policy_reads_hyperalign_fuse(fuse, monkeypatch):
+    for forced, expected in (("auto", "auto"), ("always", "always"), ("never", "never"), (True, "always")):
         monkeypatch.setattr(fuse, "FUSE", forced)
-        assert fuse.fuse_on(torch.device("cpu")) is expected
+        assert fuse.policy() == expected
     monkeypatch.setattr(fuse, "FUSE", "sometimes")
     with pytest.raises(ValueError, match="HYPERALIGN_FUSE='sometimes' is not one of"):
-        fuse.fuse_on(torch.device("cpu"))
+        fuse.policy()
+
+
+@pytest.fixture
+def measured(fuse, monkeypatch):
+    """Injected costs for the auto policy: (merge seconds, side-path seconds per call); records each measurement."""
+    made = []
+
+    def inject(merge: float, side: float):
+        def measure_costs(*args, **kwargs):
+            made.append((merge, side))
+            return fuse.PathCosts(merge, side)
+
+        monkeypatch.setattr(fuse, "measure_costs", measure_costs)
+
+    inject.made = made
+    return inject
 
 
 @pytest.mark.comfy
-def test_auto_keeps_the_hooks_on_cpu(comfy, tiny, base_models, predictors, node, fuse, merges, monkeypatch):
+@pytest.mark.parametrize(("side", "merges_expected"), [(0.3, True), (0.1, False)])
+def test_auto_merges_when_the_cost_model_says_it_pays(
+    comfy, tiny, predictors, node, fuse, merges, measured, monkeypatch, side, merges_expected
+):
+    """I mode over 6 steps: the first call runs hooked and measures; a merge of 1.0 s pays against 5 more calls
+    of side paths at 0.3 s (1.5 s), not at 0.1 s (0.5 s). Either way the latents are the hook path's."""
+    model = tiny.build_model("sd15", seed=0)
+    name = predictors["sd15_a"]
+    patched = apply(node, model, name, mode="I")
+    monkeypatch.setattr(fuse, "FUSE", "never")
+    hooked = sample(comfy, tiny, patched, "sd15", 1, steps=STEPS)
     monkeypatch.setattr(fuse, "FUSE", "auto")
-    patched = apply(node, base_models["sd15"], predictors["sd15_a"], mode="I")
-    sample(comfy, tiny, patched, "sd15", 1, steps=2)
-    assert merges == []
+    measured(1.0, side)
+    chosen = sample(comfy, tiny, patched, "sd15", 1, steps=STEPS)
+    assert measured.made == [(1.0, side)]  # measured once, on the first call
+    assert merges == ([(_target_modules(node, name), 0)] if merges_expected else [])
+    torch.testing.assert_close(chosen, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
+    again = sample(comfy, tiny, patched, "sd15", 1, steps=STEPS)  # cached: no second measurement
+    assert len(measured.made) == 1 and len(merges) == (2 if merges_expected else 0)
+    torch.testing.assert_close(again, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
+
+
+@pytest.mark.comfy
+def test_auto_measures_real_costs_once(comfy, tiny, predictors, node, fuse, merges, monkeypatch):
+    """Unpatched measurement on the tiny model: positive costs, cached per model and call shape."""
+    model = tiny.build_model("sd15", seed=0)
+    monkeypatch.setattr(fuse, "FUSE", "auto")
+    sample(comfy, tiny, apply(node, model, predictors["sd15_a"], mode="P", keysteps=KEYSTEPS["sd15"]), "sd15", 1)
+    (costs,) = fuse._COSTS[model.model.diffusion_model].values()
+    assert costs.merge_seconds > 0 and costs.side_seconds > 0
 
 
 @pytest.mark.comfy
@@ -136,18 +176,71 @@ def test_no_room_for_merged_weights_keeps_the_hooks(comfy, tiny, predictors, nod
     torch.testing.assert_close(short, fused, rtol=0, atol=1e-5 * float(fused.abs().max()))
 
 
+def _cast_like_comfyui_033(model) -> int:
+    """Mark every layer the way ComfyUI 0.33's loader does (dynamic VRAM on: ``comfy_cast_weights`` on every op
+    that has the attribute), weights left resident; returns how many layers were marked."""
+    marked = 0
+    for module in model.model.diffusion_model.modules():
+        if hasattr(module, "comfy_cast_weights"):
+            module.comfy_cast_weights = True
+            marked += 1
+    return marked
+
+
 @pytest.mark.comfy
-def test_layers_comfyui_casts_per_call_keep_the_hooks(comfy, tiny, predictors, node, fuse, merges, monkeypatch):
-    """Manual-cast / low-VRAM layers read their weight through ComfyUI's cast on every call: they stay hooked,
-    the others are fused, and the result is the hook path's."""
-    model = tiny.build_model("sd15", seed=0)
-    cast = [m for name, m in model.model.diffusion_model.named_modules() if name.endswith("attn2.to_k")]
-    for module in cast:
-        module.comfy_cast_weights = True
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_cast_weight_layers_with_resident_weights_merge(
+    comfy, tiny, predictors, node, fuse, merges, monkeypatch, family
+):
+    """A model loaded as 0.33 loads it (every layer casts its weight per call): the resident target layers are
+    merged, every one, and the result is the hook path's."""
+    model = tiny.build_model(family, seed=0)
+    before = _weights(model)
+    assert _cast_like_comfyui_033(model) > 0
+    name = predictors[f"{family}_a"]
+    fused, hooked = _fused_and_hooked(comfy, tiny, fuse, monkeypatch, model, family, name, node, "I")
+    assert merges == [(_target_modules(node, name), 0)]
+    torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
+    _assert_same_weights(model, before)
+
+
+@pytest.mark.comfy
+def test_layers_comfyui_rewrites_per_call_keep_the_hooks(comfy, tiny, predictors, node, fuse, merges, monkeypatch):
+    """Layers with a weight function (ComfyUI's weight wrappers; a LoRA loader's low-VRAM patches work the same
+    way) stay hooked, decided per layer: the others are merged, and the result is the hook path's."""
+    base = tiny.build_model("sd15", seed=0)
+    _cast_like_comfyui_033(base)
+    model = base.clone()
+    keys = [k for k in model.model.state_dict() if k.endswith("attn2.to_k.weight")]
+    for key in keys:
+        model.add_weight_wrapper(key, lambda weight: weight * 1.0)  # applied on every call, as ComfyUI's are
+    patched_layers = keys
     name = predictors["sd15_a"]
     fused, hooked = _fused_and_hooked(comfy, tiny, fuse, monkeypatch, model, "sd15", name, node, "I")
-    assert merges == [(_target_modules(node, name) - len(cast), len(cast))]
+    assert merges == [(_target_modules(node, name) - len(patched_layers), len(patched_layers))]
     torch.testing.assert_close(fused, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
+
+
+@pytest.mark.comfy
+def test_mergeable_only_when_resident_and_used_as_is(fuse):
+    """Per layer: a weight elsewhere than the compute device (low-VRAM offload, 0.33's dynamic-VRAM pool keeps
+    the module's own tensor off the device) or rewritten per call keeps the hooks."""
+    import comfy.ops
+
+    cpu = torch.device("cpu")
+    layer = comfy.ops.manual_cast.Linear(4, 3)  # a cast-weights op, as 0.33's loader makes every layer
+    assert layer.comfy_cast_weights and fuse.mergeable(layer, cpu)
+    assert not fuse.mergeable(layer, torch.device("meta"))  # not resident on the device the call runs on
+    offloaded = comfy.ops.manual_cast.Linear(4, 3, device="meta")
+    offloaded._v = (0, 0, 0)  # 0.33: the weight lives in the dynamic-VRAM pool, the module's tensor elsewhere
+    assert not fuse.mergeable(offloaded, cpu)
+    for attribute, value in (("weight_function", [abs]), ("bias_function", [abs]), ("weight_lowvram_function", abs)):
+        patched = comfy.ops.manual_cast.Linear(4, 3)
+        setattr(patched, attribute, value)
+        assert not fuse.mergeable(patched, cpu), attribute
+    fp8 = comfy.ops.manual_cast.Linear(4, 3)
+    fp8.weight = torch.nn.Parameter(fp8.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    assert not fuse.mergeable(fp8, cpu)
 
 
 def _diff_patch(model, seed: int) -> dict:
