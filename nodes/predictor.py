@@ -27,9 +27,9 @@ class MultiGPUUnsupported(RuntimeError):
 
 
 def host_patcher_class() -> type:
-    """The patcher class the host builds models with: ``CoreModelPatcher`` where it exists (ComfyUI 0.16 and
-    later; ModelPatcherDynamic when dynamic VRAM is on), else ``ModelPatcher``. Read at call time: ComfyUI's
-    main.py picks it after start-up."""
+    """The patcher class the host builds models with: ``CoreModelPatcher`` where it exists (0.33 has it:
+    ModelPatcherDynamic when dynamic VRAM is on, which itself falls back to ModelPatcher on CPU), else
+    ``ModelPatcher`` (0.3.x). Read at call time: ComfyUI's main.py sets it after the imports."""
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
