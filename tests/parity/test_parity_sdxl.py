@@ -121,6 +121,29 @@ def test_sigma_and_timestep_conventions_agree(hosts):
     assert float(sigmas[-1]) == 0.0 and float(hosts.schedule.ddim.final_alpha_cumprod) == 1.0
 
 
+@pytest.mark.parametrize("comfy_scheduler, spacing", [("simple", "trailing"), ("normal", "linspace")])
+@pytest.mark.parametrize("steps", [10, 20, 25, 30, 50])
+def test_training_spacing_walks_comfyui_scheduler_timesteps(hosts, comfy_scheduler, spacing, steps):
+    """SDXL's sampling steps follow the same table as SD1.5's (training/README.md), on SDXL's scheduler config."""
+    import dataclasses
+
+    import comfy.samplers
+
+    ms = hosts.base.get_model_object("model_sampling")
+    comfy_t = [float(ms.timestep(s)) for s in comfy.samplers.calculate_sigmas(ms, comfy_scheduler, steps)[:-1]]
+    family = hosts.family
+    saved = family.cfg
+    family.cfg = dataclasses.replace(saved, timestep_spacing=spacing)
+    try:
+        trainer_t = family.sampling_steps(steps).t
+    finally:
+        family.cfg = saved
+    assert len(trainer_t) == len(comfy_t) == steps
+    assert max(abs(a - b) for a, b in zip(trainer_t, comfy_t)) <= 1.0, (trainer_t, comfy_t)
+    if comfy_scheduler == "simple" and 1000 % steps == 0:
+        assert trainer_t == comfy_t
+
+
 def test_every_step_same_eps_hypernet_inputs_and_factors(hosts, comfy_s):
     import comfy.samplers
 
