@@ -3,6 +3,8 @@ full-width random models built with ComfyUI's own classes, and real-size predict
 
 Shapes (stated in docs/performance.md):
 - SD1.5: the real SD1.5 UNet (859.5 M parameters, ComfyUI's SD15 config), random weights, fp32.
+- SDXL: the real SDXL base UNet (2567 M parameters, ComfyUI's SDXL config), random weights, fp32; its prompt
+  is 77 tokens of width 2048 and a pooled vector of 1280 (ComfyUI adds the size embeddings).
 - FLUX-shaped: real widths (hidden 3072, 24 heads, T5 context 4096, pooled vector 768, guidance
   embedded) at reduced depth (``--flux-depth`` double + ``--flux-single`` single blocks), random, fp32.
 Predictors use the real-size hypernet config (dim 256, depth 2, rank 8, basis 32), every target of
@@ -45,6 +47,23 @@ SD15_UNET = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+
+
+SDXL_UNET = dict(  # comfy/model_detection.py's SDXL base
+    SD15_UNET,
+    num_classes="sequential",
+    adm_in_channels=2816,
+    model_channels=320,
+    num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10],
+    channel_mult=[1, 2, 4],
+    transformer_depth_middle=10,
+    use_linear_in_transformer=True,
+    context_dim=2048,
+    num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+)
+UNETS = ("sd15", "sdxl")  # 4-channel latents, 77 text tokens, the "normal" scheduler
 
 
 def flux_unet(depth: int, single: int) -> dict:
@@ -142,9 +161,9 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
 def build_model(host: Host, family: str, dtype: torch.dtype, flux_depth: tuple[int, int] = (2, 4)):
     """A ModelPatcher around a full-width random model; returns (patcher, arch dict for HyperAlign)."""
     sm = host.comfy.supported_models
-    if family == "sd15":
-        config = sm.SD15(dict(SD15_UNET))
-        arch = None  # the real SD1.5 table (hyperalign.targets defaults)
+    if family in UNETS:
+        config = sm.SD15(dict(SD15_UNET)) if family == "sd15" else sm.SDXL(dict(SDXL_UNET))
+        arch = None  # the real SD1.5 / SDXL table (hyperalign.targets defaults)
     else:
         config = sm.Flux(flux_unet(*flux_depth))
         arch = {"hidden_size": 3072, "depth": flux_depth[0], "depth_single_blocks": flux_depth[1], "mlp_ratio": 4.0}
@@ -162,8 +181,8 @@ def build_model(host: Host, family: str, dtype: torch.dtype, flux_depth: tuple[i
 def hypernet_config(family: str):
     from hyperalign import HypernetConfig
 
-    if family == "sd15":
-        return HypernetConfig(feature_dim=1280, context_dim=768)
+    if family in UNETS:
+        return HypernetConfig(feature_dim=1280, context_dim=768 if family == "sd15" else 2048)
     return HypernetConfig(feature_dim=3072, context_dim=768, encoder_blocks=2)
 
 
@@ -184,15 +203,18 @@ def save_random_predictor(host: Host, family: str, arch, name: str, std: float =
 
 
 def conditioning(family: str, batch: int, seed: int, tokens: int, device) -> list:
-    """A CONDITIONING of `batch` random prompts: SD1.5 CLIP-L tokens; FLUX T5 tokens, pooled CLIP, guidance."""
+    """A CONDITIONING of `batch` random prompts: SD1.5 CLIP-L tokens; SDXL CLIP-L + G tokens and the pooled G
+    vector; FLUX T5 tokens, pooled CLIP, guidance."""
     generator = torch.Generator().manual_seed(seed)
-    width = 768 if family == "sd15" else 4096
+    width = {"sd15": 768, "sdxl": 2048}.get(family, 4096)
     cond = torch.randn(batch, tokens, width, generator=generator)
     extras = {}
+    if family == "sdxl":
+        extras = {"pooled_output": torch.randn(batch, 1280, generator=generator)}
     if family == "flux":
         extras = {"pooled_output": torch.randn(batch, 768, generator=generator), "guidance": 3.5}
     return [[cond, extras]]
 
 
 def empty_latent(family: str, batch: int, size: int) -> torch.Tensor:
-    return torch.zeros(batch, 4 if family == "sd15" else 16, size, size)
+    return torch.zeros(batch, 4 if family in UNETS else 16, size, size)
