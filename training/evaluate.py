@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_steps": cfg.sampling.num_steps,
                 "guidance": cfg.sampling.guidance,
                 "resolution": cfg.model.resolution,
-                "sampler": "ddim (eta 0)" if family.name == "sd15" else "flow-matching euler",
+                "sampler": "flow-matching euler" if family.name == "flux" else "ddim (eta 0)",
                 "seeds": list(cfg.eval.seeds),
                 "prompts": len(prompts),
                 "prompt_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
