@@ -3,12 +3,7 @@
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
-
-from training import toy
-
-pytestmark = pytest.mark.skipif(not toy.assets_built(), reason="toy world assets not built")
 
 
 def test_demo_writes_every_output_and_comfyui_uses_the_predictor(tmp_path, capsys):

@@ -11,13 +11,6 @@ from training import toy
 from training.toy import nets, world
 from training.toy.vocab import WordTokenizer
 
-needs_assets = pytest.mark.skipif(
-    not toy.assets_built(), reason="toy world assets not built yet: run python -m training.toy.build (issue #5)"
-)
-
-
-pytestmark = needs_assets
-
 MAX_ASSET_BYTES = 8 * 1024 * 1024
 
 
@@ -84,8 +77,8 @@ def test_pipeline_samples_have_the_right_shape(pipe):
         height=32,
         width=32,
     ).images
-    assert out.shape == (2, 3, 32, 32)
-    assert torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()  # (the pipeline clamps to [0, 1] itself)
+    assert out[0].mean() > out[1].mean()  # the prompt reaches the UNet: a white background is brighter than black
 
 
 def test_vae_round_trips_renders_and_scaled_latents_are_unit_scale(pipe):

@@ -3,18 +3,10 @@
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from training import toy
 from training.toy import world
-
-needs_assets = pytest.mark.skipif(
-    not toy.assets_built(), reason="toy world assets not built yet: run python -m training.toy.build (issue #5)"
-)
-
-
-pytestmark = needs_assets
 
 
 def read_rows():

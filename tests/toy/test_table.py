@@ -7,8 +7,6 @@ import torch
 
 from training import toy
 
-pytestmark = pytest.mark.skipif(not toy.assets_built(), reason="toy world assets not built")
-
 
 def test_table_trains_every_variant_and_scores_both_prompt_sets(tmp_path):
     from training.toy import table

@@ -10,13 +10,6 @@ from training import toy
 from training.toy import world
 from training.toy.rewards import load_toy_aesthetic, load_toy_clip
 
-needs_assets = pytest.mark.skipif(
-    not toy.assets_built(), reason="toy world assets not built yet: run python -m training.toy.build (issue #5)"
-)
-
-
-pytestmark = needs_assets
-
 
 def spec(name, path=None, **options):
     return SimpleNamespace(name=name, weight=1.0, path=path, options=options)
@@ -91,7 +84,6 @@ def test_missing_file_names_the_fix(tmp_path):
 
 
 def test_wrong_file_and_unknown_option_are_refused():
-    from training import toy
 
     with pytest.raises(ValueError, match="is not a toy_clip reward file"):
         load_toy_clip(spec("toy_clip", path=str(toy.AESTHETIC_FILE)), "cpu", torch.float32)
@@ -105,7 +97,8 @@ def test_unknown_words_are_refused(clip):
 
 
 def test_trainer_registry_loads_the_toy_rewards():
-    rewards = pytest.importorskip("training.rewards")
+    from training import rewards
+
     for name in ("toy_clip", "toy_aesthetic"):
         model = rewards.load_reward(rewards.RewardSpec(name), "cpu", torch.float32)
         assert model(torch.rand(2, 3, 32, 32), [world.prompt_of(s) for s in FIXED_SPECS[:2]]).shape == (2,)

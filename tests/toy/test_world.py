@@ -8,10 +8,6 @@ import pytest
 from training import toy
 from training.toy import world
 
-needs_assets = pytest.mark.skipif(
-    not toy.assets_built(), reason="toy world assets not built yet: run python -m training.toy.build (issue #5)"
-)
-
 
 def test_every_prompt_parses_back_to_its_scene():
     specs = world.all_specs()
@@ -39,7 +35,6 @@ def test_split_holds_out_colour_shape_pairs():
         assert {getattr(s, attribute) for s in heldout} <= {getattr(s, attribute) for s in train}
 
 
-@needs_assets
 def test_shipped_prompt_files_are_the_split():
     train, heldout = world.split_specs()
     assert toy.load_prompts("train") == [world.prompt_of(s) for s in train]

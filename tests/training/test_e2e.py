@@ -161,7 +161,7 @@ def test_keysteps_then_evaluate_base_and_modes(reference, tiny_sd15, prefs, tmp_
     assert calls == {"base": 0, "S": 3, "I": 1, "P": 2}  # 3 steps; P predicts at its 2 keysteps
     for variant in results:
         assert set(results[variant]["metrics"]) == {"brightness", "color"}
-        assert results[variant]["seconds_per_image"] > 0 and results[variant]["diversity"] > 0
+        assert results[variant]["diversity"] > 0  # the seeds' images differ
     assert report["protocol"]["keysteps"] == found["keysteps"] and report["protocol"]["prompts"] == 1
     table = (tmp_path / "e" / "results.md").read_text()
     assert table.startswith("| variant | brightness | color | diversity | s/image |")
@@ -184,4 +184,6 @@ def test_flux_trains_and_exports(tiny_flux, prefs, tmp_path):
     events = [name for _, _, names in os.walk(tmp_path / "flux") for name in names if "tfevents" in name]
     assert events, "no tensorboard event file"
     rows = list(metrics(tmp_path / "flux").values())
-    assert all(row["loss_pref"] > 0 and 0 <= row["reward"] <= 1 for row in rows)
+    for row in rows:  # the logged terms add up: loss = -reward + pref_weight * loss_pref (pref_weight 1 in flux.yaml)
+        assert row["loss_reward"] == pytest.approx(-row["reward"], abs=1e-6)
+        assert row["loss"] == pytest.approx(row["loss_reward"] + row["loss_pref"], abs=1e-6)

@@ -1,6 +1,7 @@
 """Rewards: each loader loads a tiny stand-in checkpoint through the real architecture's code path and is
 differentiable w.r.t. the image; missing files and checkpoints that do not fit give clear errors."""
 
+import importlib
 import json
 import math
 import re
@@ -97,9 +98,15 @@ def test_hps_loads_a_tiny_open_clip_checkpoint(tmp_path):
     )
     check_spec(spec, "rewards[0]")
     model = load_reward(spec, "cpu", torch.float32)
-    scores = _check_differentiable(model)
-    assert scores.abs().max() <= 1.0 + 1e-5  # a cosine of normalised features
-    assert torch.equal(model.model.visual.conv1.weight, reference.visual.conv1.weight)
+    scores = _check_differentiable(model, prompts=("a cat", "a red square"))
+    # the whole checkpoint was loaded ('module.' prefixes stripped) and scored as HPS does: the cosine of the
+    # reference model's own image and text embeddings
+    with torch.no_grad():
+        image = F.normalize(reference.encode_image(clip_preprocess(_images(2), 32)), dim=-1)
+        text = F.normalize(
+            reference.encode_text(open_clip.get_tokenizer("hps-tiny-test")(["a cat", "a red square"])), dim=-1
+        )
+    torch.testing.assert_close(scores.detach(), (image * text).sum(-1), rtol=1e-5, atol=1e-6)
 
 
 def test_pickscore_and_clip_load_a_tiny_transformers_clip(tiny_hf_clip):
@@ -392,4 +399,7 @@ def test_registry_has_the_contracted_entries():
         "toy_clip",
         "toy_aesthetic",
     ):
-        assert ":" in REWARDS[name]
+        assert name in REWARDS
+    for name, spec in REWARDS.items():  # every entry resolves to a loader, not just a string with a ':'
+        module, _, function = spec.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), (name, spec)

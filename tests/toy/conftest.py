@@ -1,0 +1,16 @@
+"""The toy world's trained assets ship with the repo (training/toy/assets): a checkout without them is broken, and
+every toy test fails with this message instead of skipping (a skip would turn a broken checkout green)."""
+
+import pytest
+
+from training import toy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shipped_toy_assets():
+    if not toy.assets_built():
+        pytest.fail(
+            f"HyperAlign: the toy world's assets are missing from {toy.MODEL_DIR.parent}. They are part of the "
+            "repository: restore them (git checkout -- training/toy/assets) or rebuild them "
+            "(python -m training.toy.build)."
+        )
