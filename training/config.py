@@ -5,6 +5,9 @@ YAML, applies each override (its value parsed with ``ast.literal_eval``; text th
 literal stays a string), checks every key against the dataclasses below (an unknown key gets a
 ``difflib`` suggestion) and every value against its field's type. ``check_files`` then refuses
 missing files; both run before any model loads.
+
+Why one file over 300 lines: the sections below are the whole schema, read top to bottom as one table of every
+key, its type, default and check; the parser that walks them sits with them.
 """
 
 from __future__ import annotations
