@@ -1,5 +1,8 @@
 """The real reward models, each behind ``load(spec, device, dtype) -> nn.Module`` (see :mod:`training.rewards`).
 
+(Over 300 lines because it holds five independent loaders of about 60 lines each, side by side so that they read
+alike; each is self-contained and could move to a file of its own.)
+
 - ``hps``: HPSv2 / v2.1, an open_clip ViT-H-14 with the HPS checkpoint (``path``: HPS_v2.1_compressed.pt
   or .safetensors). Score = cosine of the normalised image and text features (about 0.25-0.35).
   Options: ``arch`` (open_clip config name, default ViT-H-14), ``open_clip_config`` (a JSON model
