@@ -38,9 +38,9 @@ from ..hyperalign.lora import (
     fused_weights,
     fusible_weight,
     hooked,
-    rows_to_samples,
     swapped_weights,
 )
+from ..hyperalign.rows import bind_rows
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,7 @@ class Applied:
         state = self.states.get(key)
         if state is None:
             state = LoRAState(scale=self.scale)
-            index = None if rows == self.samples else rows_to_samples(rows, self.samples).to(device)
-            state.bind(self.factors, index, device=device)
+            bind_rows(state, self.factors, rows, self.samples, device)
             self.states[key] = state
         return state
 
