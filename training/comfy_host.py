@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import importlib
 import os
 import sys
 import tempfile
@@ -60,10 +61,11 @@ def import_comfy(path: str | os.PathLike | None = None, cpu: bool | None = None)
     if "comfy.model_management" not in sys.modules:
         args.cpu = cpu  # read once, when comfy.model_management first probes the device
     import comfy.model_management  # noqa: F401
-    import folder_paths
 
-    import nodes
-
+    # ComfyUI's own top-level modules, found first on sys.path; named by string so that no reader (or import graph)
+    # mistakes ComfyUI's nodes.py for this repository's nodes/ package, which the trainer never imports
+    folder_paths = importlib.import_module("folder_paths")
+    nodes = importlib.import_module("nodes")
     if Path(nodes.__file__).resolve().parent != root:
         raise RuntimeError(
             f"HyperAlign: 'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py: something imported this "
