@@ -179,3 +179,16 @@ def test_flux_schedule_x0_and_euler_step(flux):
     assert torch.allclose(target, noise - x0) and torch.allclose(progress, 1 - s)
     assert torch.allclose(family.x0(x_t, target, s), x0, atol=1e-5)  # the velocity target recovers x0
     assert torch.equal(unpack(pack(x0), 16, 16), x0)
+
+
+def test_every_configurable_family_has_one_registered_adapter():
+    import typing
+
+    from training.adapters import ADAPTERS
+    from training.config import ModelConfig
+
+    families = typing.get_args(typing.get_type_hints(ModelConfig)["family"])
+    assert sorted(ADAPTERS) == sorted(families)
+    for name, adapter in ADAPTERS.items():
+        assert adapter.name == name and len(build_table(name).preset("attn")) > 0  # the core's family string
+        assert adapter.load.__qualname__ == f"{adapter.__name__}.load"  # each adapter loads its own model
