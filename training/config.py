@@ -25,7 +25,7 @@ from hyperalign.config import HypernetConfig
 from hyperalign.schedule import validate_keysteps
 
 from .paths import check_model_source, looks_local, require_path
-from .rewards import RewardSpec, check_spec
+from .rewards import METRIC_ONLY, RewardSpec, check_spec
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -444,6 +444,11 @@ def check_files(cfg: TrainConfig, purpose: str = "train") -> None:
         return
     for i, spec in enumerate(cfg.rewards):
         check_spec(spec, f"rewards[{i}]")
+        if spec.name in METRIC_ONLY:
+            raise ValueError(
+                f"HyperAlign: rewards[{i}] is {spec.name!r}, an evaluation metric with no gradient (ground truth). "
+                "HINT: list it under eval.metrics, not rewards."
+            )
     if cfg.objective.mode == "P" and cfg.objective.keysteps is None:
         require_path(
             cfg.keysteps_path,

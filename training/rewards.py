@@ -32,7 +32,12 @@ REWARDS: dict[str, str] = {
     "color": "training.rewards:load_color",
     "toy_clip": "training.toy.rewards:load_toy_clip",
     "toy_aesthetic": "training.toy.rewards:load_toy_aesthetic",
+    "toy_truth": "training.toy.truth:load_truth",
+    "toy_taste": "training.toy.truth:load_taste",
 }
+
+# Evaluation metrics with no gradient (ground truth measured from pixels): never a training reward.
+METRIC_ONLY = {"toy_truth", "toy_taste"}
 
 # Rewards that cannot load without a checkpoint file in `path`.
 NEEDS_FILE = {

@@ -80,4 +80,4 @@ def test_perturb_changes_exactly_one_attribute():
             assert changed == [attribute]
 
 
-GOLDEN_RENDER_SHA256 = "395503c465654ed16f2278568ed5848649fc7afab577c8a999f13680bcb4774b"
+GOLDEN_RENDER_SHA256 = "744ae9118568cf1c54a872e89fd971fec1c538f2254911a08edec6b542713a2d"

@@ -1,12 +1,14 @@
 """The main job: train a HyperAlign predictor on the toy world, evaluate it, and use it in ComfyUI.
 
     ./scripts/demo.sh                      # sets up the environment, then runs this
-    python -m training.toy.demo [--out outputs/demo] [--steps 150] [--prompts 6] [--threads 1] [--skip-comfy]
+    python -m training.toy.demo [--out outputs/demo] [--steps N] [--prompts 24] [--threads 1] [--skip-comfy]
 
 No downloads, no GPU. Steps: (1) P-mode keysteps from base trajectories (training.keysteps);
-(2) training (training.train, configs/toy.yaml) with a progress bar; (3) evaluation on held-out
-prompts, base vs HyperAlign S / I / P, same seeds (training.evaluate), written as a metrics table
-and one comparison grid PNG; (4) the predictor loaded through the nodes in the real ComfyUI on the
+(2) training (training.train, configs/toy.yaml) with a progress bar; (3) evaluation on a fixed
+seeded sample of held-out prompts, base vs HyperAlign S / I / P, the same noises for every variant
+(training.evaluate): ground truth (what the scene should look like, read from pixels) beside the
+learned rewards, each as a difference from base ± its standard error over prompts, a verdict line per
+mode, and one comparison grid PNG; (4) the predictor loaded through the nodes in the real ComfyUI on the
 toy model, sampled by ComfyUI's KSampler, and the image ComfyUI made written next to a plain one.
 """
 
@@ -43,11 +45,16 @@ def _run(entry, module: str, argv: list[str], what: str) -> None:
         raise SystemExit(f"HyperAlign: {what} failed (exit {status}); see the messages above.")
 
 
+GRID_PROMPTS = 6  # prompts in the comparison grid (the first of the sample)
+
+
 def _subset(prompts_file: str, count: int, out: str) -> str:
+    """A fixed seeded sample (the prompt files are sorted by attribute, so a slice would be one corner)."""
+    import random
+
     with open(prompts_file, encoding="utf-8") as handle:
         prompts = [line.strip() for line in handle if line.strip()]
-    step = max(len(prompts) // count, 1)
-    chosen = prompts[::step][:count]
+    chosen = random.Random(0).sample(prompts, min(count, len(prompts)))
     path = os.path.join(out, "heldout_prompts.txt")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(chosen) + "\n")
@@ -58,9 +65,8 @@ def _comparison_grid(eval_dir: str, out: str, variants: list[str]) -> str:
     """Per-prompt grids (rows: variants, columns: seeds) side by side, with a label strip on the left."""
     from PIL import Image, ImageDraw
 
-    tiles = [
-        np.asarray(Image.open(p).convert("RGB")) for p in sorted(glob.glob(os.path.join(eval_dir, "images", "*.png")))
-    ]
+    files = sorted(glob.glob(os.path.join(eval_dir, "images", "*.png")))[:GRID_PROMPTS]
+    tiles = [np.asarray(Image.open(p).convert("RGB")) for p in files]
     if not tiles:
         raise FileNotFoundError(f"HyperAlign: evaluation wrote no images under {eval_dir!r}.")
     gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's optim.max_steps)")
-    p.add_argument("--prompts", type=int, default=6, help="held-out prompts to evaluate (default 6)")
+    p.add_argument("--prompts", type=int, default=24, help="held-out prompts to evaluate (default 24)")
     p.add_argument("--assets", default=ASSETS, help="toy world folder (default: the shipped one)")
     p.add_argument("--skip-comfy", action="store_true", help="do not run the ComfyUI part")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see below)")
@@ -184,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for i, name in enumerate(("toy_clip", "toy_aesthetic")):  # the order of rewards in toy.yaml
             reward_file = os.path.join(assets, "rewards", name + ".safetensors")
-            common += [f"rewards.{i}.path={reward_file!r}", f"eval.metrics.{i}.path={reward_file!r}"]
+            # eval.metrics lists the two ground-truth columns first (toy.yaml)
+            common += [f"rewards.{i}.path={reward_file!r}", f"eval.metrics.{i + 2}.path={reward_file!r}"]
     if args.steps is not None:
         common.append(f"optim.max_steps={args.steps}")
     run_dir = os.path.join(out, "toy")
@@ -218,7 +225,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:38s} {path}")
     with open(os.path.join(eval_dir, "results.md"), encoding="utf-8") as handle:
         print("\n" + handle.read())
+    print(verdicts(os.path.join(eval_dir, "results.json")))
     return 0
+
+
+def verdicts(results_json: str) -> str:
+    """One line per mode: ground truth and the learned rewards, each as its paired difference from base."""
+    import json
+
+    with open(results_json, encoding="utf-8") as handle:
+        results = json.load(handle)["results"]
+    lines = ["Against base, paired by prompt (mean ± standard error):"]
+    for mode, row in results.items():
+        if "vs_base" not in row:
+            continue
+        delta = row["vs_base"]
+        parts = [f"{n} {delta[n]['mean']:+.3f} ± {delta[n]['se']:.3f}" for n in delta]
+        rewards_up = any(delta[n]["mean"] > 2 * delta[n]["se"] for n in delta if not n.startswith("toy_t"))
+        truth_down = any(delta[n]["mean"] < -2 * delta[n]["se"] for n in ("toy_truth", "toy_taste") if n in delta)
+        hacked = rewards_up and truth_down
+        flag = "  <- REWARD HACKING: a learned reward rises while ground truth falls" if hacked else ""
+        lines.append(f"  HyperAlign {mode}: " + ", ".join(parts) + flag)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -289,3 +289,41 @@ def validate(count: int = 400, seed: int = 0) -> dict:
                 _spearman(reading.taste(), np.array([world.taste(s) for s in styles])), 4
             )
     return result
+
+
+# --- as evaluation metrics -------------------------------------------------------------------
+
+
+class _Metric(torch.nn.Module):
+    """A ground-truth column for ``eval.metrics`` (registry names ``toy_truth`` and ``toy_taste``): the
+    reward signature, (images, prompts) -> (b,), but no gradient; the trainer refuses it as a reward.
+    Both columns come from one reading: the last batch's reading is kept so the second costs nothing."""
+
+    _last: tuple = (None, None)
+
+    def __init__(self, column: str):
+        super().__init__()
+        self.column = column
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"HyperAlign: {self.column} got {images.shape[0]} images but {len(prompts)} prompts.")
+        key = (images.data_ptr(), tuple(images.shape), images._version, tuple(prompts))
+        if _Metric._last[0] != key:
+            _Metric._last = (key, check(images))
+        reading = _Metric._last[1]
+        if self.column == "toy_truth":
+            values = reading.accuracy([world.parse_prompt(p) for p in prompts])
+        else:
+            values = reading.taste()
+        return torch.as_tensor(values, dtype=torch.float32, device=images.device)
+
+
+def load_truth(spec, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    """Share of the prompt's six attributes an image shows (0 to 1)."""
+    return _Metric("toy_truth")
+
+
+def load_taste(spec, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    """The hidden taste of an image's measured style (ideal renders about +1, the worst about -2.4)."""
+    return _Metric("toy_taste")
