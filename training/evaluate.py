@@ -6,8 +6,11 @@
         {'name': 'aesthetic', 'path': 'sac.pth'}]"
 
 For every prompt of ``eval.prompts`` and every seed of ``eval.seeds`` it samples with the base model
-and with the predictor in each of ``eval.modes`` (same noise, ``sampling.num_steps`` steps,
-``sampling.guidance``), scores each image with every metric (no gradients), measures diversity as
+and with the predictor in each of ``eval.modes`` (``sampling.num_steps`` steps, ``sampling.guidance``;
+prompt i uses noise seeds ``seed + NOISE_STRIDE * i``: fresh noise for every image, the same noise
+across variants, so a standard error over prompts includes the noise's variance), scores each image
+with every metric (no gradients), reports each variant's difference from base paired by prompt with
+its standard error over prompts, measures diversity as
 the mean pairwise cosine distance between the seeds' image embeddings (the first metric with an
 image encoder, else downsampled pixels) and times generation per image. Writes ``results.json``
 (with the protocol: steps, guidance, resolution, seeds, prompt-set hash) and ``results.md`` into
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from .cli import cli, parse, print_check
 
 logger = logging.getLogger("training")
+NOISE_STRIDE = 100_003  # seed offset between prompts (a prime, so no two prompts share a seed)
 
 
 def _extra(p) -> None:
@@ -62,11 +66,16 @@ def _read_keysteps(path: str) -> tuple[float, ...]:
         return validate_keysteps(json.load(handle)["keysteps"])
 
 
-def evaluate_prompt(ctx, prompt: str) -> dict:
-    """Every variant's scores, diversity and seconds for one prompt; images when asked."""
+def prompt_seeds(seeds: list[int], index: int) -> list[int]:
+    """The noise seeds of prompt `index`: fresh per prompt, the same for every variant."""
+    return [seed + NOISE_STRIDE * index for seed in seeds]
+
+
+def evaluate_prompt(ctx, prompt: str, index: int = 0) -> dict:
+    """Every variant's scores, diversity and seconds for prompt number `index`; images when asked."""
     from .sampling import Trajectory, per_sample_noise
 
-    family, seeds, guidance = ctx["family"], ctx["seeds"], ctx["guidance"]
+    family, seeds, guidance = ctx["family"], prompt_seeds(ctx["seeds"], index), ctx["guidance"]
     cond = family.encode_prompts([prompt] * len(seeds), uncond=guidance != 1.0)
     x = per_sample_noise(family.latent_shape(1)[1:], seeds, family.device)
     out = {}
@@ -123,7 +132,29 @@ def summarize(records: list[dict], variants: list[str]) -> dict:
             "hypernet_calls_per_image": statistics.fmean(r["calls"] for r in rows),
             "prompts": len(rows),
         }
+        if variant != "base" and "base" in variants:
+            results[variant]["vs_base"] = paired(rows, [r["base"] for r in records])
     return results
+
+
+def paired(rows: list[dict], base: list[dict]) -> dict:
+    """Per metric: the mean over prompts of (variant - base), each prompt's scores averaged over its seeds,
+    and its standard error over prompts. Prompts differ far more than a predictor moves them, so only the
+    paired difference can carry a sign."""
+    out = {}
+    for name in rows[0]["scores"]:
+        diffs = [statistics.fmean(r["scores"][name]) - statistics.fmean(b["scores"][name]) for r, b in zip(rows, base)]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+        out[name] = {"mean": statistics.fmean(diffs), "se": se}
+    return out
+
+
+def _cell(row: dict, name: str) -> str:
+    """The mean, and for a variant its paired difference from base ± standard error."""
+    if "vs_base" not in row:
+        return f"{row['metrics'][name]['mean']:.4f}"
+    delta = row["vs_base"][name]
+    return f"{row['metrics'][name]['mean']:.4f} ({delta['mean']:+.4f} ± {delta['se']:.4f})"
 
 
 def markdown(results: dict) -> str:
@@ -133,7 +164,7 @@ def markdown(results: dict) -> str:
     lines = [header, "|" + "---|" * (len(names) + 3)]
     for variant in variants:
         r = results[variant]
-        cells = [f"{r['metrics'][n]['mean']:.4f} ± {r['metrics'][n]['std']:.4f}" for n in names]
+        cells = [_cell(r, n) for n in names]
         cells += [f"{r['diversity']:.4f}", f"{r['seconds_per_image']:.3f}"]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -187,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     mine = []
     with accelerator.split_between_processes(list(enumerate(prompts))) as part:
         for index, prompt in part:
-            record = evaluate_prompt(ctx, prompt)
+            record = evaluate_prompt(ctx, prompt, index)
             if args.save_images:
                 _save_images(out_dir, index, record)
             mine.append((index, record))
@@ -206,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 "resolution": cfg.model.resolution,
                 "sampler": "flow-matching euler" if family.name == "flux" else "ddim (eta 0)",
                 "seeds": list(cfg.eval.seeds),
+                "noise": f"prompt i: seed + {NOISE_STRIDE} * i",
                 "prompts": len(prompts),
                 "prompt_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
                 "keysteps": list(ctx["keysteps"]),

@@ -1,7 +1,8 @@
 """The toy world's comparison table: ``python -m training.toy.table [--out docs/toy-results.md]``.
 
-Every variant samples the same held-out prompts (combinations never seen in training) with the same
-seeds, sampler (DDIM), steps and CFG scale as ``training/configs/toy.yaml``:
+Every variant samples the same prompts with the same noises (fresh noise for every image: prompt i
+uses seeds ``seed + NOISE_STRIDE * i``, as ``training.evaluate`` does), sampler (DDIM), steps and CFG
+scale as ``training/configs/toy.yaml``:
 
 - base: the toy model alone;
 - Best-of-N (N = 20): per seed slot, the best of N samples by the training reward;
@@ -12,17 +13,20 @@ seeds, sampler (DDIM), steps and CFG scale as ``training/configs/toy.yaml``:
 
 Two prompt sets, each a seeded random sample: held-out prompts (colour-shape pairs the base model and
 the predictor never saw: compositional generalisation) and training prompts (the distribution the
-predictor was trained on, sampled with the evaluation seeds). Columns: each reward, the training
-reward (their weighted sum), diversity (mean pairwise cosine distance of toy_clip image embeddings
-across seeds) and seconds per image on this machine. The Markdown goes to --out, the numbers next to
-it as JSON; trained predictors stay in --work.
+predictor was trained on). Columns: ground truth (``toy_truth``: share of the prompt's attributes the
+image shows; ``toy_taste``: the hidden taste of its measured style; both read from pixels by
+training/toy/truth.py, never trained on), each learned reward, the training reward (their weighted
+sum), diversity (mean pairwise cosine distance of toy_clip image embeddings across a prompt's noises)
+and seconds per image on this machine; each with its difference from base paired by prompt ± the
+standard error over prompts. A row whose training reward rises while a truth column falls (each by
+more than 2 standard errors) is flagged as reward hacking. The Markdown goes to --out, the numbers
+next to it as JSON; trained predictors stay in --work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -175,22 +179,6 @@ def _row(records: list[dict]) -> dict:
     }
 
 
-def _paired(records: list[dict], base: list[dict]) -> dict:
-    """Per metric: the difference from base, paired by prompt (same prompts, same seeds); mean and standard error.
-
-    Prompts differ far more than a predictor moves them, so unpaired means over a few dozen prompts swing by more
-    than the effect; the paired difference and its standard error say what the effect is and how sure it is.
-    """
-    paired = {}
-    for name in records[0]["scores"]:
-        diffs = [
-            statistics.fmean(r["scores"][name]) - statistics.fmean(b["scores"][name]) for r, b in zip(records, base)
-        ]
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-        paired[name] = {"mean": statistics.fmean(diffs), "se": se}
-    return paired
-
-
 def _with_reward(record: dict, weights: dict[str, float]) -> dict:
     scores = record["scores"]
     count = len(next(iter(scores.values())))
@@ -198,13 +186,13 @@ def _with_reward(record: dict, weights: dict[str, float]) -> dict:
     return record
 
 
-def best_of_n_prompt(ctx, scorer: Scorer, prompt: str, n: int) -> dict:
+def best_of_n_prompt(ctx, scorer: Scorer, prompt: str, index: int, n: int) -> dict:
     """Base samples of n seeds per slot; keep the best of each slot by the training reward."""
-    from ..evaluate import _embed, diversity
+    from ..evaluate import _embed, diversity, prompt_seeds
     from ..sampling import Trajectory, per_sample_noise
     from .baselines import best_of_n
 
-    family, seeds, guidance = ctx["family"], ctx["seeds"], ctx["guidance"]
+    family, seeds, guidance = ctx["family"], prompt_seeds(ctx["seeds"], index), ctx["guidance"]
     candidates = [seed + 1000 * j for j in range(n) for seed in seeds]  # candidate 0 = the slot's own seed
     started = time.perf_counter()
     with torch.no_grad():
@@ -258,17 +246,22 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
     base: list[dict] = []
 
     def row(records: list[dict]) -> dict:
-        return dict(_row(records), vs_base=_paired(records, base or records))
+        return dict(_row(records), vs_base=evaluate.paired(records, base or records))
 
     def run_variant(hypernet, mode: str, keys=(0.0,)) -> dict:
         ctx.update(hypernet=hypernet, variants=[mode], keysteps=keys)
-        return row([_with_reward(evaluate.evaluate_prompt(ctx, p)[mode], scorer.weights) for p in prompts])
+        return row(
+            [_with_reward(evaluate.evaluate_prompt(ctx, p, i)[mode], scorer.weights) for i, p in enumerate(prompts)]
+        )
 
     ctx.update(hypernet=None, variants=["base"], keysteps=(0.0,))
-    base.extend(_with_reward(evaluate.evaluate_prompt(ctx, p)["base"], scorer.weights) for p in prompts)
+    for i, p in enumerate(prompts):
+        base.append(_with_reward(evaluate.evaluate_prompt(ctx, p, i)["base"], scorer.weights))
     results = {"base": row(base)}
     print(f"== Best-of-{best}", flush=True)
-    results[f"Best-of-{best}"] = row([best_of_n_prompt(ctx, scorer, p, best) for p in prompts])
+    results[f"Best-of-{best} (selects by the training reward)"] = row(
+        [best_of_n_prompt(ctx, scorer, p, i, best) for i, p in enumerate(prompts)]
+    )
     for variant in TRAINED:
         print(f"== evaluating {variant.name}", flush=True)
         if variant.static:
@@ -297,12 +290,26 @@ def _cell(row: dict, name: str, is_base: bool) -> str:
     return f"{mean} ({delta['mean']:+.2f} ± {delta['se']:.2f})"
 
 
+TRUTH = ("toy_truth", "toy_taste")
+
+
+def hacking(row: dict) -> bool:
+    """The training reward rises while a ground-truth column falls, each by more than 2 standard errors."""
+    delta = row["vs_base"]
+
+    def moved(name: str, sign: int) -> bool:
+        return name in delta and sign * delta[name]["mean"] > 2 * delta[name]["se"]
+
+    return moved("reward", +1) and any(moved(name, -1) for name in TRUTH)
+
+
 def _table(results: dict) -> list[str]:
     names = list(next(iter(results.values()))["metrics"])
     head = "| variant | " + " | ".join(names) + " | diversity | s/image | hypernet calls/image |"
     lines = [head, "|" + "---|" * (len(names) + 4)]
     for variant, row in results.items():
         cells = [_cell(row, n, variant == "base") for n in names]
+        variant = f"{variant} ⚠ reward hacking" if variant != "base" and hacking(row) else variant
         cells += [f"{row['diversity']:.4f}", f"{row['seconds_per_image']:.4f}", f"{row['hypernet_calls_per_image']:g}"]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
@@ -322,12 +329,18 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             "",
             f"Prompts: {protocol['prompts']} per set, a seeded random sample of each set "
             "(held-out: colour-shape pairs never seen in training; training: the prompts the predictor trained on), "
-            f"seeds {protocol['seeds']} per prompt; DDIM {protocol['num_steps']} steps, CFG {protocol['guidance']}. "
+            f"{len(protocol['seeds'])} noises per prompt "
+            f"(prompt i: seeds {protocol['seeds']} + {protocol['noise_stride']}·i, "
+            "fresh for every image, the same for every variant); "
+            f"DDIM {protocol['num_steps']} steps, CFG {protocol['guidance']}. "
             f"Every trained variant: {protocol['max_steps']} optimizer steps of batch {protocol['batch_size']}, "
             f"lr {protocol['lr']}, λ = {protocol['pref_weight']} unless stated. Scores are means over all images, "
             "with (in brackets) the difference from base paired by prompt ± its standard error over prompts; "
-            "`reward` is the training reward "
+            "`toy_truth` (share of the prompt's six attributes the image shows) and `toy_taste` (the hidden taste "
+            "of its measured style) are ground truth read from pixels (training/toy/truth.py), never a training "
+            "reward; `reward` is the training reward "
             f"({' + '.join(f'{w:g}·{n}' for n, w in protocol['reward_weights'].items())}). "
+            "⚠ marks a row whose training reward rises while ground truth falls (each by > 2 SE): reward hacking. "
             "Diversity is the mean pairwise cosine distance of toy_clip image embeddings across a prompt's seeds. "
             f"Machine: {protocol['machine']}.",
             "",
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.toy.table", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/toy-results.md", help="Markdown table (JSON next to it)")
     p.add_argument("--work", default="outputs/table", help="folder for the trained variants")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per set, held-out and training (default 16)")
+    p.add_argument("--prompts", type=int, default=100, help="prompts per set, held-out and training (default 100)")
     p.add_argument("--best-of", type=int, default=BEST_OF)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see training/toy/demo.py)")
     p.add_argument("--skip-training", action="store_true", help="evaluate the variants already in --work")
@@ -367,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {
         "prompts": args.prompts,
         "seeds": list(cfg.eval.seeds),
+        "noise_stride": evaluate.NOISE_STRIDE,
         "num_steps": cfg.sampling.num_steps,
         "guidance": cfg.sampling.guidance,
         "max_steps": cfg.optim.max_steps,
