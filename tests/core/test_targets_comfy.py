@@ -116,7 +116,7 @@ def comfy(comfy_host):
 
 
 def build(comfy, model_class, config, device, dtype=torch.float32):
-    model_config = model_class(dict(config))
+    model_config = model_class(dict(config, **host_fields(comfy, model_class)))
     model_config.set_inference_dtype(dtype, None)
     return model_config.get_model({}, "", device=torch.device(device)).diffusion_model
 
@@ -223,13 +223,28 @@ def test_sd15_rows_agree_with_unet_to_diffusers(comfy):
     assert theirs == {t.id for t in rows}
 
 
+def host_fields(comfy, model_class) -> dict:
+    """Config fields newer hosts require, at FLUX.1's value: ComfyUI 0.33's FluxParams needs txt_ids_dims."""
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux_model
+
+    required = {field.name for field in dataclasses.fields(flux_model.FluxParams)}
+    flux = model_class is comfy.supported_models.Flux
+    return {"txt_ids_dims": []} if flux and "txt_ids_dims" in required else {}
+
+
+# ComfyUI 0.33 also maps FLUX.2's diffusers names onto the same single-block weights: aliases, not more layers
+FLUX2_ALIASES = (".attn.to_qkv_mlp_proj.weight", ".attn.to_out.weight")
+
+
 def flux_row_keys(key_map):
     """Diffusers ids that ComfyUI maps onto the attention and single-block Linears our table covers."""
     covered = (".qkv.weight", ".linear1.weight", ".linear2.weight", "_attn.proj.weight")
     ids = set()
     for key, value in key_map.items():
         comfy_key = value[0] if isinstance(value, tuple) else value
-        if key.endswith(".weight") and comfy_key.endswith(covered):
+        if key.endswith(".weight") and comfy_key.endswith(covered) and not key.endswith(FLUX2_ALIASES):
             ids.add(key[: -len(".weight")])
     return ids
 
