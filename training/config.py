@@ -81,6 +81,17 @@ class ObjectiveConfig:
     keysteps_file: str | None = None  # None: <run dir>/keysteps.json
     step_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # where the gradient step is drawn
     pref_weight: float = 1.0  # lambda of the preference regulariser L_G (0 turns it off)
+    # x0: the paper's reward on the one-step x0 prediction at step k. final: a variant beyond the paper, the reward
+    # on the final decoded image with gradient through the last grad_steps sampling steps (each model call
+    # checkpointed; earlier steps rolled without gradient)
+    reward_on: Literal["x0", "final"] = "x0"
+    grad_steps: int | None = None  # reward_on final: K, the steps the gradient flows through; None: all
+    # noise: L_G's LoRA predicted from x_t at its random noise level (the paper). mode: predicted where the mode
+    # predicts (I: from x_T at progress 0; P: at the keystep in force at that noise level; S: as noise)
+    pref_where: Literal["noise", "mode"] = "noise"
+    pref_drop_prompt: float = 0.0  # share of L_G rows whose denoiser sees the empty prompt (the CFG uncond branch)
+    pref_share: float | None = None  # None: lambda = pref_weight; else lambda * |grad L_G| = pref_share * |grad L_R|
+    step_per_sample: bool = False  # reward_on x0: draw step k per sample instead of per optimizer step
 
     def __post_init__(self):
         if self.keysteps is not None:
@@ -90,6 +101,23 @@ class ObjectiveConfig:
             raise ValueError(f"HyperAlign: objective.step_range must be [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}.")
         if self.pref_weight < 0 or not math.isfinite(self.pref_weight):
             raise ValueError(f"HyperAlign: objective.pref_weight must be >= 0, got {self.pref_weight}.")
+        if self.grad_steps is not None and self.grad_steps < 1:
+            raise ValueError(f"HyperAlign: objective.grad_steps must be >= 1 or null (all), got {self.grad_steps}.")
+        if not 0.0 <= self.pref_drop_prompt <= 1.0:
+            raise ValueError(f"HyperAlign: objective.pref_drop_prompt must be in [0, 1], got {self.pref_drop_prompt}.")
+        if self.pref_share is not None:
+            if self.pref_share <= 0 or not math.isfinite(self.pref_share):
+                raise ValueError(f"HyperAlign: objective.pref_share must be > 0 or null, got {self.pref_share}.")
+            if self.pref_weight == 0:
+                raise ValueError(
+                    "HyperAlign: objective.pref_share sets lambda of L_G, but objective.pref_weight=0 turns L_G "
+                    "off. HINT: set pref_weight > 0 (it then only switches L_G on) or pref_share=null."
+                )
+        if self.step_per_sample and self.reward_on != "x0":
+            raise ValueError(
+                "HyperAlign: objective.step_per_sample draws the x0 reward's step k; reward_on='final' has no k. "
+                "HINT: set step_per_sample=false or reward_on='x0'."
+            )
 
 
 @dataclass

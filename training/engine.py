@@ -147,6 +147,19 @@ def resolve_keysteps(cfg: TrainConfig) -> tuple[float, ...]:
         return validate_keysteps(json.load(handle)["keysteps"])
 
 
+def objective_name(o) -> str:
+    """A short name of the objective, e.g. "paper x0" or "final K=all (beyond paper) + L_G at mode"."""
+    reward = "paper x0" if o.reward_on == "x0" else f"final K={o.grad_steps or 'all'} (beyond paper)"
+    parts = [reward + (", k per sample" if o.step_per_sample else "")]
+    if o.pref_where != "noise":
+        parts.append(f"L_G at {o.pref_where}")
+    if o.pref_drop_prompt:
+        parts.append(f"L_G prompt dropped {o.pref_drop_prompt:g}")
+    if o.pref_share is not None:
+        parts.append(f"lambda by share {o.pref_share:g}")
+    return " + ".join(parts)
+
+
 def provenance(cfg: TrainConfig, step: int = 0) -> dict:
     return {
         "base_model": cfg.model.path,
@@ -157,6 +170,13 @@ def provenance(cfg: TrainConfig, step: int = 0) -> dict:
             "mode": cfg.objective.mode,
             "pref_weight": cfg.objective.pref_weight,
             "step_range": cfg.objective.step_range,
+            "reward_on": cfg.objective.reward_on,  # final: a variant beyond the paper
+            "grad_steps": cfg.objective.grad_steps,
+            "pref_where": cfg.objective.pref_where,
+            "pref_drop_prompt": cfg.objective.pref_drop_prompt,
+            "pref_share": cfg.objective.pref_share,
+            "step_per_sample": cfg.objective.step_per_sample,
+            "variant": objective_name(cfg.objective),
         },
         "sampling": {"num_steps": cfg.sampling.num_steps, "guidance": cfg.sampling.guidance},
         "steps": step,

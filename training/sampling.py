@@ -10,11 +10,13 @@ keystep discovery).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from hyperalign.runtime import AlignRun
 
@@ -101,6 +103,27 @@ class Trajectory:
             self.factors_at(stop, x)
         return x, self.last
 
+    def final_with_grad(self, x: torch.Tensor, grad_steps: int) -> torch.Tensor:
+        """Final latents with gradient through the last `grad_steps` steps (the steps before roll without it).
+
+        The hypernet predicts as the mode does (S every step, I once at x_T, P at keysteps); the prediction in force
+        when the gradient starts is re-run with gradients. The perception features stay gradient-free (as at step k
+        of the x0 objective), so the gradient reaches the LoRAs through the denoiser and sampler steps only."""
+        n = len(self.steps)
+        start = n - grad_steps
+        x, inputs = self.rollout(x, start)
+        factors = None if self.hypernet is None else inputs.run(self.hypernet)
+        for i in range(start, n):
+            if i > start and self.hypernet is not None:
+                made = len(self.run.calls)
+                current = self.factors_at(i, x)  # a new prediction (with gradients) when the mode makes one here
+                factors = current if len(self.run.calls) > made else factors
+            t = self.adapter.timesteps(self.steps.t[i], x.shape[0])
+            x = self.adapter.step(
+                x, checkpointed_predict(self.adapter, x, t, self.cond, factors, self.guidance), i, self.steps
+            )
+        return x
+
     @torch.no_grad()
     def generate(self, x: torch.Tensor, collect_x0: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final latents of the whole trajectory, and the x0 prediction of every step if asked."""
@@ -110,3 +133,33 @@ class Trajectory:
             if collect_x0:
                 x0s.append(x0.float().cpu())
         return x, x0s
+
+
+@contextlib.contextmanager
+def blocks_not_checkpointed(denoiser) -> Iterator[None]:
+    """The denoiser's own block checkpointing off inside the block: under checkpointed_predict the whole call is
+    checkpointed, and an inner block recomputed later in backward would run after the LoRA was unbound."""
+    was = bool(getattr(denoiser, "is_gradient_checkpointing", False))
+    if was:
+        denoiser.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if was:
+            denoiser.enable_gradient_checkpointing()
+
+
+def checkpointed_predict(adapter: FamilyAdapter, x, t, cond: Cond, factors, guidance: float) -> torch.Tensor:
+    """One model call under `factors`, checkpointed (only its inputs are kept for backward, so a chain of calls
+    costs one call's activations). The LoRA is bound inside the checkpointed function, so the recomputation in
+    backward binds it again: a block around the call would have ended by then."""
+    b = x.shape[0]
+    rows = adapter.rows(cond, guidance, b)
+
+    def call(x_in: torch.Tensor) -> torch.Tensor:
+        with adapter.bound(factors, rows, b), blocks_not_checkpointed(adapter.denoiser):
+            return adapter.predict(x_in, t, cond, None, guidance)
+
+    if not torch.is_grad_enabled():
+        return call(x)
+    return checkpoint(call, x, use_reentrant=False)
