@@ -1,4 +1,4 @@
-"""HyperAlign trainer: trains the hypernetwork of :mod:`hyperalign` on a frozen SD1.5 or FLUX base model.
+"""HyperAlign trainer: trains the hypernetwork of :mod:`hyperalign` on a frozen SD1.5, SDXL or FLUX base model.
 
 Entry points (each ``python -m training.<name> --help``):
 
