@@ -86,7 +86,7 @@ class PredictorMeta:
     """The JSON header of a predictor file (format version 1)."""
 
     family: str
-    arch: dict  # architecture numbers of the base model (targets.UNetArch / DiTArch fields)
+    arch: dict  # architecture numbers of the base model (targets.UNetArch / XLUNetArch / DiTArch fields)
     targets: list[str]  # ordered target ids (diffusers paths)
     targets_sha256: str
     hypernet: dict  # HypernetConfig.to_dict()
