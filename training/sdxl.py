@@ -49,6 +49,19 @@ def xl_unet_arch(config) -> XLUNetArch:
     )
 
 
+def check_text_time(config, pooled_dim: int) -> None:
+    """The UNet's text_time input must be the pooled text and six size values, as SDXL base conditions; the
+    refiner's holds five (an aesthetic score in place of the target size), so its numbers do not add up."""
+    expected = pooled_dim + 6 * int(config.addition_time_embed_dim)
+    if int(config.projection_class_embeddings_input_dim) != expected:
+        raise ValueError(
+            f"HyperAlign: the UNet's text_time input is {config.projection_class_embeddings_input_dim} wide, but the "
+            f"pooled text ({pooled_dim}) and six size values ({6 * config.addition_time_embed_dim}) make {expected}: "
+            "this is not an SDXL base model (the SDXL refiner conditions on an aesthetic score instead). "
+            "HINT: train on an SDXL base model or a fine-tune of it; the refiner is not supported."
+        )
+
+
 class _EncoderDone(Exception):
     """Raised by the middle block's hook: the perception encoder needs nothing after it."""
 
@@ -82,11 +95,10 @@ class SDXLAdapter(SD15Adapter):
 
         unet = load_diffusers(UNet2DConditionModel, cfg, "unet", dtype).to(device)
         xl_unet_arch(unet.config)  # refuse a UNet of another family before loading the rest
+        text_encoder_2 = load_transformers(CLIPTextModelWithProjection, cfg, "text_encoder_2", dtype).to(device)
+        check_text_time(unet.config, int(text_encoder_2.config.projection_dim))  # the refiner has only this encoder
         vae = load_diffusers(AutoencoderKL, cfg, "vae", dtype).to(device)
-        encoders = (
-            load_transformers(CLIPTextModel, cfg, "text_encoder", dtype).to(device),
-            load_transformers(CLIPTextModelWithProjection, cfg, "text_encoder_2", dtype).to(device),
-        )
+        encoders = (load_transformers(CLIPTextModel, cfg, "text_encoder", dtype).to(device), text_encoder_2)
         tokenizers = tuple(load_transformers(CLIPTokenizer, cfg, name) for name in ("tokenizer", "tokenizer_2"))
         kwargs = {k: v for k, v in hub_kwargs(cfg).items() if k != "variant"}
         scheduler_config = dict(DDIMScheduler.load_config(cfg.path, subfolder="scheduler", **kwargs))

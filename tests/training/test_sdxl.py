@@ -1,6 +1,7 @@
 """The SDXL family adapter on a tiny SDXL-structured folder: two text encoders, pooled text and size conditioning."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,6 +105,17 @@ def test_lora_and_cfg(sdxl):
     eps_u = family.predict(x, t, uncond, None, 1.0)
     assert torch.allclose(base, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-4)
     family.detach()
+
+
+def test_refiner_conditioning_is_refused(sdxl):
+    """The refiner's text_time input: pooled text and five values (aesthetic score), not six sizes."""
+    from training.sdxl import check_text_time
+
+    family, _ = sdxl
+    check_text_time(family.denoiser.config, 32)  # the tiny SDXL: 32 + 6 x 256
+    refiner = SimpleNamespace(projection_class_embeddings_input_dim=32 + 5 * 256, addition_time_embed_dim=256)
+    with pytest.raises(ValueError, match="HyperAlign: .* not an SDXL base model .*refiner is not supported"):
+        check_text_time(refiner, 32)
 
 
 def test_non_sdxl_unet_is_refused(tiny_sd15, prefs, tmp_path):
