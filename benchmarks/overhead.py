@@ -35,6 +35,8 @@ sys.path.append(str(REPO_ROOT))  # after ComfyUI's path: its nodes.py must win o
 import bench_measure as bm  # noqa: E402
 import bench_models as models  # noqa: E402
 
+from training.comfy_host import comfyui_path  # noqa: E402
+
 MODES = {"S": "", "P": "0, 0.3, 0.6", "I": ""}
 MB = 1024 * 1024
 log = print
@@ -62,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--breakdown-batch", type=int, nargs="+", default=[1], help="batch sizes of the instrumented runs")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="modes timed against plain")
     p.add_argument("--breakdown-modes", nargs="+", default=["S", "P", "I"], choices=list(MODES))
     p.add_argument(
         "--fuse", choices=["auto", "always", "never"], default=None, help="LoRA fusing policy (default: the nodes')"
@@ -85,7 +88,7 @@ class FamilyBench:
         )
         self.loaded = host.node("HyperAlignLoader", predictor_name=name)[0]
         self.configs = {"plain": self.model}
-        for mode, keysteps in MODES.items():
+        for mode, keysteps in ((m, MODES[m]) for m in args.modes):
             self.configs[mode] = host.node(
                 "HyperAlignApply",
                 model=self.model,
@@ -422,7 +425,7 @@ def main(argv=None) -> None:
         gc.collect()
     extrapolation = [flux_extrapolation(rows, infos, args), ""] if "flux" in args.family and infos else []
     report = [
-        f"Machine: {machine(device)}; ComfyUI at {models.DEFAULT_COMFYUI if not args.comfyui else args.comfyui}",
+        f"Machine: {machine(device)}; ComfyUI at {comfyui_path(args.comfyui)}",
         f"Code: {code_version()}",
         f"Command: python benchmarks/overhead.py {' '.join(sys.argv[1:])}",
         f"Steps {args.steps}, euler; SD1.5/SDXL latent {args.latent}x{args.latent}; FLUX-shaped "
