@@ -361,6 +361,17 @@ def sizes_table(benches: list[FamilyBench], args) -> str:
     return "\n".join(lines)
 
 
+def cost_lines(fuse, family: str, model) -> list[str]:
+    """What the auto policy measured on this model (nodes/fuse.py), per call shape: its merge and side-path costs."""
+    lines = []
+    for (device, shape, _dtype), cost in fuse._COSTS.get(model.model.diffusion_model, {}).items():
+        lines.append(
+            f"Cost model, {family} on {device}, call {list(shape)}: merge {cost.merge_seconds * 1e3:.1f} ms, side "
+            f"paths {cost.side_seconds * 1e3:.2f} ms per call: merging pays after {cost.break_even():.1f} calls"
+        )
+    return lines
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
@@ -409,7 +420,7 @@ def main(argv=None) -> None:
         fuse.FUSE = args.fuse
     if args.fuse_modes is not None:
         fuse.FUSE_MODES = tuple(args.fuse_modes)
-    rows, infos, benches = [], [], []
+    rows, infos, benches, costs = [], [], [], []
     for family in args.family:
         bench = FamilyBench(host, family, args, device, dtype)
         benches.append(bench)
@@ -420,7 +431,8 @@ def main(argv=None) -> None:
                 rows += bench.time_all(batch, cfg)
         if not args.no_breakdown:
             for batch in args.breakdown_batch:
-                infos += bench.breakdown(batch, cfgs[-1], args.breakdown_modes)
+                infos += bench.breakdown(batch, cfgs[-1], [m for m in args.breakdown_modes if m in args.modes])
+        costs += cost_lines(fuse, family, bench.model)
         bench.model = bench.configs = None  # free the model before the next family
         gc.collect()
     extrapolation = [flux_extrapolation(rows, infos, args), ""] if "flux" in args.family and infos else []
@@ -438,6 +450,8 @@ def main(argv=None) -> None:
         "",
         *[breakdown_table(info) + "\n" for info in infos],
         *extrapolation,
+        *costs,
+        "",
         sizes_table(benches, args),
     ]
     text = "\n".join(report)
