@@ -1,11 +1,14 @@
-"""The comparison table's baselines: the static LoRA and Best-of-N selection (no toy assets needed)."""
+"""The comparison table's baselines: the static LoRA, Best-of-N selection and ‖ΔW‖/‖W‖ (no toy assets needed)."""
 
+import math
+
+import pytest
 import torch
 
 from hyperalign.lora import LoRAState, hooked, merged_weight
 from hyperalign.targets import build_table
 from training.toy import nets
-from training.toy.baselines import StaticLoRA, best_of_n
+from training.toy.baselines import StaticLoRA, best_of_n, relative_delta_norm, target_weights
 
 
 def _targets():
@@ -24,6 +27,34 @@ def test_static_lora_ignores_its_inputs_and_starts_as_the_identity():
         assert torch.equal(down, b[key][0]) and torch.equal(up, b[key][1])
         assert torch.equal(down[0], down[2])  # one LoRA for every sample
         assert not up.any()  # zero up: the base model exactly, until trained
+        # peft's default down: Kaiming-uniform (a = sqrt(5)), i.e. uniform in +-1/sqrt(in_features)
+        bound = 1 / math.sqrt(target.in_features)
+        assert down.abs().max() <= bound and down.abs().max() > 0.8 * bound
+        assert down.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
+def test_static_lora_equals_a_peft_lora_with_its_factors():
+    """Applied through the trainer's hooks, the static LoRA is what peft's own LoRA layer computes with the same
+    factors (lora_alpha = rank: scale 1)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    target = _targets()[0]
+    static = StaticLoRA([target], rank=2)
+    with torch.no_grad():
+        static.up[0].normal_()
+    base = torch.nn.Module()
+    base.add_module("layer", torch.nn.Linear(target.in_features, target.out_features))
+    x = torch.randn(2, 3, target.in_features)
+    state = LoRAState(scale=1.0)
+    state.bind(static(x, torch.zeros(2)))
+    with hooked([(target, "layer", base.layer)], state), torch.no_grad():
+        hooked_out = base.layer(x)
+    peft_model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["layer"]), base)
+    with torch.no_grad():
+        peft_model.layer.lora_A["default"].weight.copy_(static.down[0])
+        peft_model.layer.lora_B["default"].weight.copy_(static.up[0])
+        torch.testing.assert_close(peft_model.layer(x), hooked_out, rtol=1e-5, atol=1e-6)
 
 
 def test_static_lora_trains_through_the_shared_lora_path():
@@ -52,3 +83,32 @@ def test_best_of_n_keeps_the_best_candidate_of_each_slot():
     assert best_of_n(scores, slots=2).tolist() == [2, 5]
     # ties keep the first candidate: the slot's own seed
     assert best_of_n(torch.zeros(6), slots=2).tolist() == [0, 1]
+
+
+def test_relative_delta_norm_is_the_mean_over_samples_and_targets():
+    targets = _targets()[:2]
+    denoiser = torch.nn.Module()
+    weights = {}
+    for i, t in enumerate(targets):  # modules at the targets' paths, W = (i + 1) * ones
+        parent = denoiser
+        *path, leaf = t.id.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        layer = torch.nn.Linear(t.in_features, t.out_features, bias=False)
+        torch.nn.init.constant_(layer.weight, float(i + 1))
+        parent.add_module(leaf, layer)
+        weights[t.id] = layer.weight
+    found = target_weights(denoiser, targets)
+    assert all(torch.equal(found[t.id], weights[t.id]) for t in targets)
+    # sample 0: zero delta; sample 1: delta = 0.5 * W exactly (rank 1: up = c * ones, down = ones)
+    factors = {}
+    for i, t in enumerate(targets):
+        down = torch.ones(2, 1, t.in_features)
+        up = torch.ones(2, t.out_features, 1) * (i + 1)
+        up[0] = 0
+        factors[t.id] = (down, up)
+    assert relative_delta_norm(factors, found, scale=0.5) == pytest.approx((0 + 0.5 + 0 + 0.5) / 4)
+    static = StaticLoRA(targets, rank=2)
+    assert relative_delta_norm(static(torch.zeros(3, 1, 1), torch.zeros(3)), found, 1.0) == 0.0  # zero up
