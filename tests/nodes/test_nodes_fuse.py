@@ -129,6 +129,7 @@ def test_auto_merges_when_the_cost_model_says_it_pays(
     """I mode over 6 steps: the first call runs hooked and measures; a merge of 1.0 s pays against 5 more calls
     of side paths at 0.3 s (1.5 s), not at 0.1 s (0.5 s). Either way the latents are the hook path's."""
     model = tiny.build_model("sd15", seed=0)
+    before = _weights(model)
     name = predictors["sd15_a"]
     patched = apply(node, model, name, mode="I")
     monkeypatch.setattr(fuse, "FUSE", "never")
@@ -142,6 +143,7 @@ def test_auto_merges_when_the_cost_model_says_it_pays(
     again = sample(comfy, tiny, patched, "sd15", 1, steps=STEPS)  # cached: no second measurement
     assert len(measured.made) == 1 and len(merges) == (2 if merges_expected else 0)
     torch.testing.assert_close(again, hooked, rtol=0, atol=1e-5 * float(hooked.abs().max()))
+    _assert_same_weights(model, before)
 
 
 @pytest.mark.comfy
