@@ -42,7 +42,12 @@ def _mode_for(path: str | os.PathLike) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        return 0o666 & ~_umask()
+        return new_file_mode()
+
+
+def new_file_mode() -> int:
+    """The permission bits a plain open() gives a new file (0666 less the umask)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -18,6 +18,7 @@ from comfy_api.v0_0_2 import io
 from safetensors.torch import save_file
 
 from .. import hyperalign
+from ..hyperalign.atomic import new_file_mode
 from ..hyperalign.lora import Factors
 from . import sampling
 from .model_info import UNET_FAMILIES, identify_model
@@ -64,6 +65,7 @@ def save_lora(state: dict, filename_prefix: str, metadata: dict) -> str:
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would hide the LoRA from other users
         while True:
             name = f"{filename}_{counter:05}_.safetensors"
             try:  # claim the name first: an existing file is never replaced

@@ -11,6 +11,7 @@ from comfy_testlib import SCHEDULER, apply, runs
 from safetensors import safe_open
 
 import hyperalign
+from hyperalign.atomic import new_file_mode
 
 
 def _keysteps(node, tiny, model, count=3, steps=8, family="sd15"):
@@ -126,6 +127,8 @@ def test_export_never_overwrites_and_checks_the_batch_index(comfy, tiny, base_mo
     second = _export(node, tiny, base_models["sd15"], "sd15", loaded, 1, 0, prefix="loras/again").args[0]
     assert first != second and open(os.path.join(output_dir, first), "rb").read() == content
     assert os.path.isfile(os.path.join(output_dir, second))
+    mode = os.stat(os.path.join(output_dir, second)).st_mode & 0o777
+    assert mode == new_file_mode() != 0o600, oct(mode)  # as a plain open() makes it, not mkstemp's 0600
     assert not [name for name in os.listdir(os.path.join(output_dir, "loras")) if name.endswith(".tmp")]
     assert ui_events == []  # its internal one-step run is not shown as an Apply run
     with pytest.raises(ValueError, match="HyperAlign: batch_index 2 is outside the latent batch of 1"):
