@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from . import comfy_host
+from .. import comfy_host
+from .comfy_model import comfy_model_from_diffusers
 
 CONFIG = "training/configs/toy.yaml"
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -112,11 +113,12 @@ def comfy_image(
     from diffusers import UNet2DConditionModel
     from PIL import Image
 
-    comfy_nodes, folder_paths = comfy_host.import_comfy()
+    comfy = comfy_host.import_comfy()
+    comfy_nodes, folder_paths = comfy.nodes, comfy.folder_paths
     comfy_host.load_pack(comfy_nodes)
     folder_paths.add_model_folder_path("hyperalign", os.path.dirname(os.path.abspath(predictor)))
     model_path = os.path.join(assets, "model")
-    model = comfy_host.comfy_model_from_diffusers(UNet2DConditionModel.from_pretrained(model_path, subfolder="unet"))
+    model = comfy_model_from_diffusers(UNet2DConditionModel.from_pretrained(model_path, subfolder="unet"))
     embeddings = _encode(model_path, [prompt, ""])
     positive, negative = [[embeddings[:1], {}]], [[embeddings[1:], {}]]
     size = model.model.model_config.unet_config["in_channels"]

