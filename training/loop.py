@@ -56,7 +56,9 @@ def sampled_step(cfg, step: int) -> int:
 def sampled_steps_per_sample(cfg, indices: list[int]) -> list[int]:
     """objective.step_per_sample: each sample's own k, seeded by its sample number (any batching agrees)."""
     first, last = _step_bounds(cfg)
-    return [int(np.random.default_rng(sample_seed(cfg.run.seed, SAMPLE_STEP, g)).integers(first, last)) for g in indices]
+    return [
+        int(np.random.default_rng(sample_seed(cfg.run.seed, SAMPLE_STEP, g)).integers(first, last)) for g in indices
+    ]
 
 
 def _seeds(tr: Trainer, stream: int, batch) -> list[int]:
@@ -342,6 +344,9 @@ def log_metrics(tr: Trainer, metrics: dict, seconds: float) -> None:
         line += f" | reward {metrics['reward']:.4f}"
     if "loss_pref" in metrics:
         line += f" | pref {metrics['loss_pref']:.4f}"
+    if "grad_norm/reward" in metrics:  # before clipping; lambda * |grad L_G| is L_G's pull
+        line += f" | |g_R| {metrics['grad_norm/reward']:.3g} |g_G| {metrics['grad_norm/pref']:.3g}"
+        line += f" lambda {metrics['pref_lambda']:.3g}"
     line += f" | lr {metrics['lr']:.1e} | {seconds:.2f} s/it"
     if torch.cuda.is_available():
         line += f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"

@@ -251,3 +251,23 @@ def test_bad_objective_options_are_refused(tiny_sd15, prefs, tmp_path):
         extra = [bad] + (["objective.step_per_sample=True"] if "final" in bad else [])
         with pytest.raises(ValueError, match=word):
             tiny_config(tiny_sd15, prefs, tmp_path, extra=extra)
+
+
+def test_all_options_together_train(tiny_sd15, prefs, tmp_path, fresh_accelerate):
+    tr = _trainer(
+        tiny_sd15,
+        prefs,
+        tmp_path,
+        "objective.mode='P'",
+        "objective.keysteps=[0.0, 0.5]",
+        "objective.reward_on='final'",
+        "objective.grad_steps=2",
+        "objective.pref_where='mode'",
+        "objective.pref_drop_prompt=0.5",
+        "objective.pref_share=0.1",
+    )
+    before = _state(tr)
+    metrics = train_step(tr)
+    assert metrics["grad_steps"] == 2 and metrics["pref_lambda"] > 0 and metrics["grad_norm/pref"] > 0
+    assert tr.family.state.factors is None
+    assert any(not torch.equal(before[k], v) for k, v in _state(tr).items())
