@@ -271,3 +271,29 @@ def test_all_options_together_train(tiny_sd15, prefs, tmp_path, fresh_accelerate
     assert metrics["grad_steps"] == 2 and metrics["pref_lambda"] > 0 and metrics["grad_norm/pref"] > 0
     assert tr.family.state.factors is None
     assert any(not torch.equal(before[k], v) for k, v in _state(tr).items())
+
+
+def test_pref_where_mode_on_flux_noises_to_the_keystep_sigma(tiny_flux, prefs, tmp_path, fresh_accelerate):
+    reset_accelerate()
+    cfg = tiny_config(
+        tiny_flux,
+        prefs,
+        tmp_path,
+        family="flux",
+        extra=["objective.mode='P'", "objective.keysteps=[0.0, 0.5]", "objective.pref_where='mode'"],
+    )
+    tr = build_trainer(cfg)
+    steps = tr.schedule
+    opens = loop.prediction_steps(steps, "P", tr.keysteps)
+    assert opens[0] == 0 and len(opens) == 2
+    j = opens[1]
+    latents, noise = torch.randn(2, 16, 2, 2), torch.randn(2, 16, 2, 2)
+    progress = torch.tensor([steps.progress[j] / 2, steps.progress[j] + 0.01])
+    x, t, p = loop.where_mode_predicts(tr, latents, noise, progress)
+    s = steps.sigmas[j]
+    assert torch.equal(x[0], noise[0]) and torch.allclose(x[1], (1 - s) * latents[1] + s * noise[1])
+    assert t.tolist() == pytest.approx([steps.t[0], steps.t[j]]) and p.tolist() == pytest.approx(
+        [0.0, steps.progress[j]]
+    )
+    metrics = train_step(tr)
+    assert metrics["loss_pref"] > 0 and tr.family.state.factors is None
