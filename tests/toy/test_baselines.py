@@ -8,7 +8,7 @@ import torch
 from hyperalign.lora import LoRAState, hooked, merged_weight
 from hyperalign.targets import build_table
 from training.toy import nets
-from training.toy.baselines import StaticLoRA, best_of_n, relative_delta_norm, target_weights
+from training.toy.baselines import DeltaNormRecorder, StaticLoRA, best_of_n, relative_delta_norm, target_weights
 
 
 def _targets():
@@ -17,6 +17,7 @@ def _targets():
 
 def test_static_lora_ignores_its_inputs_and_starts_as_the_identity():
     targets = _targets()
+    torch.manual_seed(0)  # peft draws the down factors from torch's global generator
     static = StaticLoRA(targets, rank=4)
     a = static(torch.randn(3, 5, 64), torch.rand(3), torch.randn(3, 7, 64))
     b = static(torch.randn(3, 5, 64), torch.rand(3), torch.randn(3, 7, 64))
@@ -112,3 +113,16 @@ def test_relative_delta_norm_is_the_mean_over_samples_and_targets():
     assert relative_delta_norm(factors, found, scale=0.5) == pytest.approx((0 + 0.5 + 0 + 0.5) / 4)
     static = StaticLoRA(targets, rank=2)
     assert relative_delta_norm(static(torch.zeros(3, 1, 1), torch.zeros(3)), found, 1.0) == 0.0  # zero up
+    # the recorder keeps one ratio per prediction and averages them
+    recorder = DeltaNormRecorder(static, found, 1.0)
+    recorder(torch.zeros(1, 1, 1), torch.zeros(1))
+    with torch.no_grad():
+        for i, t in enumerate(targets):
+            static.down[i].fill_(1.0)
+            static.up[i].fill_(0.0)
+            static.up[i][:, 0] = (i + 1) / 2  # delta = 0.5 W
+    out = recorder(torch.zeros(2, 1, 1), torch.zeros(2))
+    assert list(out) == [t.id for t in targets]
+    assert recorder.ratios == pytest.approx([0.0, 0.5]) and recorder.mean() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="no prediction"):
+        DeltaNormRecorder(static, found, 1.0).mean()

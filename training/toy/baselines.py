@@ -97,3 +97,23 @@ def relative_delta_norm(factors: Factors, weights: dict[str, torch.Tensor], scal
         delta = scale * torch.bmm(up.float(), down.float())  # (b, out, in)
         ratios.append(delta.flatten(1).norm(dim=1) / w.norm())
     return float(torch.cat(ratios).mean())
+
+
+class DeltaNormRecorder(nn.Module):
+    """Wraps a hypernet or a StaticLoRA and records ‖ΔW‖/‖W‖ of every prediction it makes, e.g. over the sampling
+    runs of an evaluation (a predictor's factors differ per sample and step; a static LoRA's never do)."""
+
+    def __init__(self, net: nn.Module, weights: dict[str, torch.Tensor], scale: float):
+        super().__init__()
+        self.net, self.weights, self.scale = net, weights, scale
+        self.ratios: list[float] = []
+
+    def forward(self, features, progress, context=None) -> Factors:
+        factors = self.net(features, progress, context)
+        self.ratios.append(relative_delta_norm(factors, self.weights, self.scale))
+        return factors
+
+    def mean(self) -> float:
+        if not self.ratios:
+            raise ValueError("HyperAlign: no prediction was recorded. HINT: sample with the recorder as the hypernet.")
+        return sum(self.ratios) / len(self.ratios)
