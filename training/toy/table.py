@@ -341,7 +341,7 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             "reward; `reward` is the training reward "
             f"({' + '.join(f'{w:g}·{n}' for n, w in protocol['reward_weights'].items())}). "
             "⚠ marks a row whose training reward rises while ground truth falls (each by > 2 SE): reward hacking. "
-            "Diversity is the mean pairwise cosine distance of toy_clip image embeddings across a prompt's seeds. "
+            "Diversity is the mean pairwise cosine distance of toy_clip image embeddings across a prompt's noises. "
             f"Machine: {protocol['machine']}.",
             "",
             *lines,
@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": cfg.optim.batch_size,
         "lr": cfg.optim.lr,
         "pref_weight": cfg.objective.pref_weight,
+        "step_range": list(cfg.objective.step_range),
+        "mode_objective": cfg.objective.mode,
         "reward_weights": {spec.name: spec.weight for spec in cfg.rewards},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
