@@ -210,8 +210,9 @@ def local_tensor(value):
 
 class TermGrads:
     """Each term's share of the accumulated hypernet gradient, read off .grad after each term's backward (one
-    clone per term per micro-batch: cheap next to the model calls). With several processes the gradients that
-    DDP averages on the last micro-batch mix ranks into the split, so there the per-term norms are approximate."""
+    clone per term per micro-batch: cheap next to the model calls). Exact on one process, and on several without
+    gradient accumulation (DDP averages each backward's gradient); with both, DDP averages the local sums of the
+    earlier micro-batches into the last one's reward term, so there the per-term norms are approximate."""
 
     def __init__(self, params):
         self.params = [p for p in params if p.requires_grad]
@@ -250,10 +251,11 @@ def train_step(tr: Trainer) -> dict[str, float]:
     """One optimizer step (grad_accum_steps micro-batches); returns metrics averaged over ranks."""
     acc, cfg = tr.accelerator, tr.cfg
     share = cfg.objective.pref_share
-    if share is not None and acc.num_processes > 1:
+    if share is not None and acc.num_processes > 1 and cfg.optim.grad_accum_steps > 1:
         raise ValueError(
-            "HyperAlign: objective.pref_share splits the gradient by term on one process only (DDP averages the "
-            "accumulated gradient mid-step). HINT: set objective.pref_share=null and choose pref_weight."
+            "HyperAlign: objective.pref_share splits the gradient by term, which with several processes is exact "
+            "only without gradient accumulation (TermGrads). HINT: set optim.grad_accum_steps=1 (raise "
+            "optim.batch_size), or objective.pref_share=null and choose pref_weight."
         )
     sums: dict[str, torch.Tensor] = {}
     once: dict[str, torch.Tensor] = {}  # per optimizer step, not averaged over micro-batches
