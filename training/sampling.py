@@ -139,14 +139,14 @@ class Trajectory:
 def blocks_not_checkpointed(denoiser) -> Iterator[None]:
     """The denoiser's own block checkpointing off inside the block: under checkpointed_predict the whole call is
     checkpointed, and an inner block recomputed later in backward would run after the LoRA was unbound."""
-    was = bool(getattr(denoiser, "is_gradient_checkpointing", False))
-    if was:
-        denoiser.disable_gradient_checkpointing()
+    flagged = [m for m in denoiser.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in flagged:  # diffusers' per-block flag; set back exactly as it was
+        module.gradient_checkpointing = False
     try:
         yield
     finally:
-        if was:
-            denoiser.enable_gradient_checkpointing()
+        for module in flagged:
+            module.gradient_checkpointing = True
 
 
 def checkpointed_predict(adapter: FamilyAdapter, x, t, cond: Cond, factors, guidance: float) -> torch.Tensor:
