@@ -324,7 +324,8 @@ def _table(times: dict, batch: int) -> list[str]:
         return [f"batch {batch}: no complete round"]
     rounds = len(plain)
     lines = [
-        f"batch {batch}, {rounds} round(s), wall s/image (median) and ratio to plain in the same round (± half range):",
+        f"batch {batch}, {rounds} round(s), wall s/image (median) and ratio to plain in the same round (± half range)"
+        + (" (several samples per call: 'fused' runs the hooks too):" if batch > 1 else ":"),
         "",
         "| mode | hooked s/image | hooked ratio | fused s/image | fused ratio |",
         "|---|---|---|---|---|",
