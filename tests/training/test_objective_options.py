@@ -86,7 +86,7 @@ def test_defaults_are_the_objective_as_before(tiny_sd15, prefs, tmp_path, fresh_
     tr.family.state.clear()
     states, logged = [], []
     for step in (train_step, _reference_step):
-        tr = _trainer(tiny_sd15, prefs, tmp_path, *extra, "optim.grad_accum_steps=2")
+        tr = _trainer(tiny_sd15, prefs, tmp_path, *extra, "optim.grad_accum_steps=2", "sampling.num_steps=2")
         logged.append([step(tr) for _ in range(2)])
         states.append(_state(tr))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
