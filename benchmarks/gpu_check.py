@@ -255,10 +255,11 @@ def sampling_section(host, world, family: str, args, device, budget: Budget, rep
         return run
 
     costs_lines = []
-    for batch in spec["batches"]:
+    for position, batch in enumerate(spec["batches"]):
         if budget.left() <= 0:
             lines.append(f"batch {batch}: skipped, the section's time budget ({budget.seconds:.0f} s) is spent")
             break
+        share = Budget(budget.left() / (len(spec["batches"]) - position))  # each batch size gets its turn
         warm = sampler(batch, 2)
         for config in configs:
             warm(config)
@@ -266,14 +267,14 @@ def sampling_section(host, world, family: str, args, device, budget: Budget, rep
         sample_auto(warm, configs, fuse)  # the cost model's own measurement, on this model and call shape
         costs = dict(fuse._COSTS.get(model.model.diffusion_model, {}))
         costs_lines += _costs_lines(fusecost, costs, batch, spec, args.steps) or [
-            f"Cost model, batch {batch}: not consulted (rows of several samples per call: hooks; 'fused' then "
+            f"- Cost model, batch {batch}: not consulted (rows of several samples per call: hooks; 'fused' then "
             "means the same hooks)"
         ]
         run = sampler(batch, args.steps)
         times: dict[str, list] = {config: [] for config in configs}
         round_seconds = 0.0
         for index in range(args.max_rounds):
-            if index and budget.left() < round_seconds * 1.1:
+            if index and share.left() < round_seconds * 1.1:
                 break
             order = list(configs)[index % len(configs) :] + list(configs)[: index % len(configs)]
             begun = time.perf_counter()
@@ -286,7 +287,9 @@ def sampling_section(host, world, family: str, args, device, budget: Budget, rep
         lines = lines + _table(times, batch) + [""]
     fuse.FUSE = "auto"
     report.update(family, lines + costs_lines)
-    configs.clear()  # the models go with the section
+    configs.clear()  # the models go with the section: ComfyUI lets go of them too
+    host.comfy.mm.unload_all_models()
+    host.comfy.mm.soft_empty_cache()
 
 
 def sample_auto(warm, configs, fuse) -> None:
@@ -312,7 +315,7 @@ def _costs_lines(fusecost, costs: dict, batch: int, spec: dict, steps: int) -> l
             f"{mode} ({n} calls) {'fused' if fusecost.merge_pays(cost, n) else 'hooked'}" for mode, n in served.items()
         )
         lines.append(
-            f"Cost model, batch {batch} (call {list(shape)}): merge {cost.merge_seconds * 1e3:.2f} ms, side paths "
+            f"- Cost model, batch {batch} (call {list(shape)}): merge {cost.merge_seconds * 1e3:.2f} ms, side paths "
             f"{cost.side_seconds * 1e3:.3f} ms per call, break-even {cost.break_even():.1f} calls; auto picks: {picks}"
         )
     return lines

@@ -212,6 +212,9 @@ def measure(family: str, device: torch.device, tiny: bool = False, log=print) ->
                 adapter.denoiser.enable_gradient_checkpointing()
             return adapter
 
+        if cuda:  # what other sections left allocated is not this step's
+            torch.cuda.synchronize(device)
+        already = torch.cuda.memory_allocated(device) if cuda else 0
         started = time.perf_counter()
         engine.load_adapter = load_adapter
         try:
@@ -223,7 +226,7 @@ def measure(family: str, device: torch.device, tiny: bool = False, log=print) ->
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        weights = torch.cuda.memory_allocated(device) if cuda else 0
+        weights = torch.cuda.memory_allocated(device) - already if cuda else 0
         batch_size = cfg.optim.batch_size
         batch = {"prompt": ["a photo of a corgi"] * batch_size, "index": torch.arange(batch_size)}
         acc, peaks = tr.accelerator, {}
@@ -260,11 +263,13 @@ def measure(family: str, device: torch.device, tiny: bool = False, log=print) ->
         if not cuda:
             return lines + ["(CPU: no GPU memory figures; the step ran end to end)"]
         lines += [
+            f"GiB allocated by this section's trainer (other sections' {already / GB:.2f} GiB left out):",
+            "",
             "| what | GiB |",
             "|---|---|",
             f"| allocated before the step (weights, hypernet, optimiser state) | {weights / GB:.2f} |",
         ]
-        lines += [f"| peak through the {name} | {peak / GB:.2f} |" for name, peak in peaks.items()]
+        lines += [f"| peak through the {name} | {(peak - already) / GB:.2f} |" for name, peak in peaks.items()]
         lines.append(
             f"| reserved by the caching allocator at the end | {torch.cuda.memory_reserved(device) / GB:.2f} |"
         )
