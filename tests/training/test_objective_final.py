@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import build_trainer, reset_accelerate, tiny_config
 
-from training import loop
-from training.loop import reward_loss
+from training import objective
+from training.objective import reward_loss
 from training.sampling import per_sample_noise
 
 
@@ -32,7 +32,7 @@ def _plain_final_loss(tr, batch, grad_steps):
     prompts = list(batch["prompt"])
     b, n = len(prompts), len(steps)
     cond = family.encode_prompts(prompts, uncond=True)
-    x = per_sample_noise(family.latent_shape(1)[1:], loop._seeds(tr, loop.NOISE, batch), family.device)
+    x = per_sample_noise(family.latent_shape(1)[1:], objective._seeds(tr, objective.NOISE, batch), family.device)
     opens = {"S": range(n), "I": [0], "P": [0, 2]}[tr.cfg.objective.mode]
     factors = None
     for i in range(n):

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from conftest import build_trainer, reset_accelerate, tiny_config
 
-from training import loop
+from training import objective
 from training.engine import provenance
-from training.loop import dropped_prompts, pref_lambda, preference_loss, reward_loss, train_step
+from training.loop import train_step
+from training.objective import dropped_prompts, pref_lambda, preference_loss, reward_loss
 from training.sampling import Trajectory, per_sample_noise, per_sample_uniform
 
 
@@ -22,8 +23,8 @@ def _reference_reward_loss(tr, batch, step):
     cfg, family = tr.cfg, tr.family
     prompts, guidance = list(batch["prompt"]), cfg.sampling.guidance
     cond = family.encode_prompts(prompts, uncond=guidance != 1.0)
-    x = per_sample_noise(family.latent_shape(1)[1:], loop._seeds(tr, loop.NOISE, batch), family.device)
-    k = loop.sampled_step(cfg, step)
+    x = per_sample_noise(family.latent_shape(1)[1:], objective._seeds(tr, objective.NOISE, batch), family.device)
+    k = objective.sampled_step(cfg, step)
     trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.schedule, guidance, cfg.objective.mode, tr.keysteps)
     x_k, inputs = trajectory.rollout(x, k)
     factors = inputs.run(tr.hypernet)
@@ -36,8 +37,8 @@ def _reference_reward_loss(tr, batch, step):
 def _reference_preference_loss(tr, batch):
     family, prompts = tr.family, list(batch["prompt"])
     latents = family.encode(batch["image"])
-    noise = per_sample_noise(tuple(latents.shape[1:]), loop._seeds(tr, loop.PREF_NOISE, batch), family.device)
-    u = per_sample_uniform(loop._seeds(tr, loop.PREF_TIME, batch), family.device)
+    noise = per_sample_noise(tuple(latents.shape[1:]), objective._seeds(tr, objective.PREF_NOISE, batch), family.device)
+    u = per_sample_uniform(objective._seeds(tr, objective.PREF_TIME, batch), family.device)
     x_t, t, progress, target = family.noise_for_preference(latents, noise, u)
     cond = family.encode_prompts(prompts, uncond=False)
     features = family.features(x_t, t, cond, tr.hcfg, tr.cfg.sampling.guidance)
@@ -181,7 +182,7 @@ def test_pref_where_mode_predicts_where_the_mode_does(mode, tiny_sd15, prefs, tm
     preference_loss(tr, batch)
     tr.family.state.clear()
     latents = tr.family.encode(batch["image"])
-    u = per_sample_uniform(loop._seeds(tr, loop.PREF_TIME, batch), "cpu")
+    u = per_sample_uniform(objective._seeds(tr, objective.PREF_TIME, batch), "cpu")
     _, _, progress, _ = tr.family.noise_for_preference(latents, torch.zeros_like(latents), u)
     steps = tr.schedule.progress  # 0, .25, .5005, .75
     if mode == "I":
@@ -189,13 +190,13 @@ def test_pref_where_mode_predicts_where_the_mode_does(mode, tiny_sd15, prefs, tm
     else:
         expected = [steps[2] if p >= steps[2] else 0.0 for p in progress.tolist()]
     assert spy.seen == [pytest.approx(expected)]
-    assert loop.prediction_steps(tr.schedule, mode, tr.keysteps) == ([0] if mode == "I" else [0, 2])
+    assert objective.prediction_steps(tr.schedule, mode, tr.keysteps) == ([0] if mode == "I" else [0, 2])
 
 
 def test_pref_where_mode_for_i_feeds_pure_noise(tiny_sd15, prefs, tmp_path, fresh_accelerate):
     tr = _trainer(tiny_sd15, prefs, tmp_path, "objective.mode='I'", "objective.pref_where='mode'")
     latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
-    x, t, p = loop.where_mode_predicts(tr, latents, noise, torch.tensor([0.3, 0.9]))
+    x, t, p = objective.where_mode_predicts(tr, latents, noise, torch.tensor([0.3, 0.9]))
     assert torch.equal(x, noise) and t.tolist() == [tr.schedule.t[0]] * 2 and p.tolist() == [0.0, 0.0]
 
 
@@ -203,16 +204,16 @@ def test_step_per_sample_draws_k_per_row_and_matches_each_rows_own_loss(tiny_sd1
     tr = _trainer(
         tiny_sd15, prefs, tmp_path, "objective.step_per_sample=True", "optim.batch_size=4", "objective.pref_weight=0.0"
     )
-    ks = loop.sampled_steps_per_sample(tr.cfg, list(range(64)))
-    assert len(set(ks)) == 4 and ks[:4] == loop.sampled_steps_per_sample(tr.cfg, [0, 1, 2, 3])
+    ks = objective.sampled_steps_per_sample(tr.cfg, list(range(64)))
+    assert len(set(ks)) == 4 and ks[:4] == objective.sampled_steps_per_sample(tr.cfg, [0, 1, 2, 3])
     batch = next(tr.prompts)
-    ks = loop.sampled_steps_per_sample(tr.cfg, batch["index"].tolist())
+    ks = objective.sampled_steps_per_sample(tr.cfg, batch["index"].tolist())
     loss, metrics = reward_loss(tr, batch, 0)
     expected = 0.0
     for r, k in enumerate(ks):  # each row alone at its own k, as the per-step objective would
         row = {key: value[r : r + 1] if torch.is_tensor(value) else value[r : r + 1] for key, value in batch.items()}
         with torch.no_grad():
-            expected += loop._x0_reward_loss(tr, row, k)[0].item() / len(ks)
+            expected += objective._x0_reward_loss(tr, row, k)[0].item() / len(ks)
         tr.family.state.clear()
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert metrics["k"].item() == pytest.approx(sum(ks) / len(ks))
@@ -284,12 +285,12 @@ def test_pref_where_mode_on_flux_noises_to_the_keystep_sigma(tiny_flux, prefs, t
     )
     tr = build_trainer(cfg)
     steps = tr.schedule
-    opens = loop.prediction_steps(steps, "P", tr.keysteps)
+    opens = objective.prediction_steps(steps, "P", tr.keysteps)
     assert opens[0] == 0 and len(opens) == 2
     j = opens[1]
     latents, noise = torch.randn(2, 16, 2, 2), torch.randn(2, 16, 2, 2)
     progress = torch.tensor([steps.progress[j] / 2, steps.progress[j] + 0.01])
-    x, t, p = loop.where_mode_predicts(tr, latents, noise, progress)
+    x, t, p = objective.where_mode_predicts(tr, latents, noise, progress)
     s = steps.sigmas[j]
     assert torch.equal(x[0], noise[0]) and torch.allclose(x[1], (1 - s) * latents[1] + s * noise[1])
     assert t.tolist() == pytest.approx([steps.t[0], steps.t[j]]) and p.tolist() == pytest.approx(
