@@ -297,8 +297,9 @@ export function canvasRightEdges() {
 
 /**
  * Nodes 2.0: our widgets' own canvases inside the Apply node. For each: whether it sits in the
- * node, the HyperAlign colours it shows, and where its painted box ends on the right compared with
- * the native widgets' controls (in node units; 0 = aligned).
+ * node, the HyperAlign colours it shows, and where its painted box starts and ends compared with
+ * the native widgets: their labels' left edge and their controls' right edge (in node units; 0 =
+ * aligned).
  */
 export function vueWidgets({ colours }) {
   const s = window.__hyperalign;
@@ -308,7 +309,13 @@ export function vueWidgets({ colours }) {
     (el) => !el.closest("[data-testid^=node-header]") && el.getBoundingClientRect().width > 0,
   );
   const nativeRight = Math.max(...controls.map((el) => el.getBoundingClientRect().right));
-  const result = { controls: controls.length };
+  // the native widgets start where their labels' text starts
+  const names = new Set(s.apply.widgets.filter((w) => !String(w.type).startsWith("hyperalign.")).map((w) => w.name));
+  const labels = [...nodeElement.querySelectorAll("*")].filter(
+    (el) => el.children.length === 0 && names.has(el.textContent.trim()) && el.getBoundingClientRect().width > 0,
+  );
+  const nativeLeft = Math.min(...labels.map((el) => el.getBoundingClientRect().left));
+  const result = { controls: controls.length, labels: labels.length };
   for (const name of ["timeline", "dynamics"]) {
     const widget = s.apply.widgets.find((w) => w.name === name);
     const canvas = widget.drawnOn;
@@ -327,17 +334,22 @@ export function vueWidgets({ colours }) {
           counts[key] += 1;
       }
     }
-    // rightmost painted pixel in the box's middle row
+    // leftmost and rightmost painted pixels in the box's middle row (at least half covered: the
+    // outline's antialiased fringe is not where the box ends)
     const row = Math.round((widget.box.y + 10) * ratio);
-    let right = -1;
-    for (let x = canvas.width - 1; x >= 0; x--) {
-      if (data[4 * (row * canvas.width + x) + 3] > 0) {
-        right = x;
-        break;
-      }
-    }
+    const painted = (x) => data[4 * (row * canvas.width + x) + 3] >= 128;
+    let right = canvas.width - 1;
+    while (right >= 0 && !painted(right)) right -= 1;
+    let left = 0;
+    while (left < canvas.width && !painted(left)) left += 1;
     const paintedRight = rect.left + ((right + 1) / ratio) * zoom;
-    result[name] = { inNode: true, counts, rightOffset: (paintedRight - nativeRight) / zoom };
+    const paintedLeft = rect.left + (left / ratio) * zoom;
+    result[name] = {
+      inNode: true,
+      counts,
+      leftOffset: (paintedLeft - nativeLeft) / zoom,
+      rightOffset: (paintedRight - nativeRight) / zoom,
+    };
   }
   return result;
 }

@@ -14,7 +14,8 @@
 //             screenshot; queue the same graph again: ComfyUI answers from its cache, and the chart
 //             must keep the last run, marked as coming from the cache.
 //   Nodes 2.0 switch Comfy.VueNodes.Enabled on: the widgets must paint into their own canvases in
-//             the node's DOM, aligned with the native widgets, and update live after a new run.
+//             the node's DOM, aligned with the native widgets on both sides, and update live after
+//             a new run.
 // Throughout: no errors in the console from our code, and no deprecated frontend API used by it.
 // Exit code 0 = pass; failures are listed on stderr.
 
@@ -57,7 +58,7 @@ if (!opts.url) {
 }
 
 const STEPS = 10;
-const ALIGN_TOLERANCE = 2; // node units (CSS px at zoom 1)
+const ALIGN_TOLERANCE = 1; // node units (CSS px at zoom 1); our outline straddles the box edge by 0.5
 const COLOURS = {
   call: [0x5b, 0x9c, 0xf5],
   norm: [0x8f, 0xd1, 0x6a],
@@ -256,11 +257,16 @@ async function vueMode(page, seed) {
   check(widgets.timeline?.inNode && widgets.dynamics?.inNode, "the widgets paint into canvases inside the Vue node");
   check(widgets.timeline?.counts?.call > 20, "the timeline shows its new-LoRA cells");
   check(widgets.dynamics?.counts?.norm > 20, "the chart shows the last run");
-  for (const name of ["timeline", "dynamics"])
+  for (const name of ["timeline", "dynamics"]) {
+    check(
+      Math.abs(widgets[name]?.leftOffset ?? Infinity) <= ALIGN_TOLERANCE,
+      `the ${name} starts where the native widgets start (off by ${widgets[name]?.leftOffset?.toFixed(1)} px)`,
+    );
     check(
       Math.abs(widgets[name]?.rightOffset ?? Infinity) <= ALIGN_TOLERANCE,
       `the ${name} ends where the native widgets end (off by ${widgets[name]?.rightOffset?.toFixed(1)} px)`,
     );
+  }
 
   // A new run (mode S, a new seed so the cache cannot answer) must reach the Vue canvases live.
   const before = await page.evaluate(pageState);
