@@ -1,7 +1,7 @@
 """Boot the real ComfyUI in this process and load this repository into it as a custom node pack.
 
 One helper for everything that runs the nodes in a real ComfyUI: the tests (tests/conftest.py), the benchmarks
-(benchmarks/bench_models.py) and the toy demo (training/toy). The trainer itself never imports ComfyUI; this module
+(benchmarks/bench_models.py) and the toy demo (toyworld). The trainer itself never imports ComfyUI; this module
 imports it only when called, and the nodes are reached through ComfyUI's own registry (never ``import nodes`` from
 this repository), exactly as a user's ComfyUI loads the pack.
 """

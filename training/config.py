@@ -25,7 +25,7 @@ from hyperalign.config import HypernetConfig
 from hyperalign.schedule import validate_keysteps
 
 from .paths import check_model_source, looks_local, require_path
-from .rewards import METRIC_ONLY, RewardSpec, check_spec
+from .rewards import RewardSpec, check_spec, metric_only
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -472,10 +472,10 @@ def check_files(cfg: TrainConfig, purpose: str = "train") -> None:
         return
     for i, spec in enumerate(cfg.rewards):
         check_spec(spec, f"rewards[{i}]")
-        if spec.name in METRIC_ONLY:
+        if metric_only(spec):
             raise ValueError(
-                f"HyperAlign: rewards[{i}] is {spec.name!r}, an evaluation metric with no gradient (ground truth). "
-                "HINT: list it under eval.metrics, not rewards."
+                f"HyperAlign: rewards[{i}] ({spec.name!r}) is an evaluation metric with no gradient "
+                "(e.g. ground truth). HINT: list it under eval.metrics, not rewards."
             )
     if cfg.objective.mode == "P" and cfg.objective.keysteps is None:
         require_path(

@@ -51,7 +51,7 @@ class Trainer:
     consumed: dict = field(default_factory=dict)  # samples consumed per stream before `start_step`
     start_step: int = 0
 
-    # Transition only: training/loop.py, training/toy/table.py and benchmarks/trainer_step.py still use the old
+    # Transition only: training/loop.py, toyworld/table.py and benchmarks/trainer_step.py still use the old
     # names (family, schedule, scheduler); remove these once they read adapter, steps and lr_schedule.
     @property
     def family(self) -> FamilyAdapter:

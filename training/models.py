@@ -141,7 +141,7 @@ class FamilyAdapter:
             self.state.factors, self.state._bound = saved
 
     def schedule(self, num_steps: int) -> SamplingSteps:
-        """Transition only: training/evaluate.py and training/toy/table.py still call it; use sampling_steps()."""
+        """Transition only: training/evaluate.py and toyworld/table.py still call it; use sampling_steps()."""
         return self.sampling_steps(num_steps)
 
     # shared helpers -----------------------------------------------------------------------------

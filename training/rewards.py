@@ -30,14 +30,7 @@ REWARDS: dict[str, str] = {
     "imagereward": "training.reward_models:load_imagereward",
     "brightness": "training.rewards:load_brightness",
     "color": "training.rewards:load_color",
-    "toy_clip": "training.toy.rewards:load_toy_clip",
-    "toy_aesthetic": "training.toy.rewards:load_toy_aesthetic",
-    "toy_truth": "training.toy.truth:load_truth",
-    "toy_taste": "training.toy.truth:load_taste",
 }
-
-# Evaluation metrics with no gradient (ground truth measured from pixels): never a training reward.
-METRIC_ONLY = {"toy_truth", "toy_taste"}
 
 # Rewards that cannot load without a checkpoint file in `path`.
 NEEDS_FILE = {
@@ -57,12 +50,25 @@ class RewardSpec:
     weight: float = 1.0
     path: str | None = None
     options: dict = field(default_factory=dict)
+    # "module:function" of a loader outside the registry (e.g. toyworld.rewards:load_toy_clip); `name` then only
+    # names the score in logs and tables
+    loader: str | None = None
 
     def __post_init__(self):
-        if self.name not in REWARDS:
+        if self.loader is not None:
+            module, _, function = str(self.loader).partition(":")
+            if not module or not function.isidentifier():
+                raise ValueError(
+                    f"HyperAlign: reward {self.name!r} loader {self.loader!r} is not 'module:function'. "
+                    "HINT: e.g. loader: toyworld.rewards:load_toy_clip"
+                )
+        elif self.name not in REWARDS:
             close = difflib.get_close_matches(self.name, list(REWARDS), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"choose one of {sorted(REWARDS)}."
-            raise ValueError(f"HyperAlign: unknown reward {self.name!r}. HINT: {hint}")
+            hint = f"did you mean {close[0]!r}?" if close else f"choose one of {sorted(REWARDS)}"
+            raise ValueError(
+                f"HyperAlign: unknown reward {self.name!r}. HINT: {hint}, or name your own loader with "
+                "loader: 'module:function'."
+            )
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
             raise ValueError(f"HyperAlign: reward {self.name!r} weight must be a number, got {self.weight!r}.")
         self.weight = float(self.weight)
@@ -99,15 +105,26 @@ def reward_file(spec: RewardSpec) -> str:
     return path
 
 
-def resolve_loader(name: str):
-    if name not in REWARDS:
-        RewardSpec(name)  # raises with a suggestion
-    module_name, function = REWARDS[name].split(":")
-    return getattr(importlib.import_module(module_name), function)
+def resolve_loader(spec: RewardSpec):
+    """The loader function: the spec's own `loader`, else the registry's entry for its name."""
+    module_name, _, function = (spec.loader or REWARDS[spec.name]).partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"HyperAlign: reward {spec.name!r}: cannot load {module_name}:{function} ({error}). "
+            "HINT: check the loader's module and function names."
+        ) from error
+
+
+def metric_only(spec: RewardSpec) -> bool:
+    """Whether the loader makes an evaluation metric with no gradient (its function says `metric_only = True`):
+    such a score (e.g. ground truth read from pixels) may be reported, never trained on."""
+    return bool(getattr(resolve_loader(spec), "metric_only", False))
 
 
 def load_reward(spec: RewardSpec, device, dtype) -> nn.Module:
-    module = resolve_loader(spec.name)(spec, device, dtype)
+    module = resolve_loader(spec)(spec, device, dtype)
     return module.eval().requires_grad_(False)
 
 

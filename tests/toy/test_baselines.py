@@ -7,8 +7,8 @@ import torch
 
 from hyperalign.lora import LoRAState, hooked, merged_weight
 from hyperalign.targets import build_table
-from training.toy import nets
-from training.toy.baselines import DeltaNormRecorder, StaticLoRA, best_of_n, relative_delta_norm, target_weights
+from toyworld import nets
+from toyworld.baselines import DeltaNormRecorder, StaticLoRA, best_of_n, relative_delta_norm, target_weights
 
 
 def _targets():

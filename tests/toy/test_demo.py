@@ -7,7 +7,7 @@ from PIL import Image
 
 
 def test_demo_writes_every_output_and_comfyui_uses_the_predictor(tmp_path, capsys):
-    from training.toy import demo
+    from toyworld import demo
 
     assert demo.main(["--out", str(tmp_path), "--steps", "3", "--prompts", "1"]) == 0
     printed = capsys.readouterr().out

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+import toyworld as toy
 from hyperalign.lora import resolve_modules
 from hyperalign.targets import build_table
-from training import toy
-from training.toy import nets, world
-from training.toy.vocab import WordTokenizer
+from toyworld import nets, world
+from toyworld.vocab import WordTokenizer
 
 MAX_ASSET_BYTES = 16 * 1000 * 1000  # the toy world's budget
 

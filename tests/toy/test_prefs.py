@@ -5,8 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from training import toy
-from training.toy import world
+import toyworld as toy
+from toyworld import world
 
 
 def read_rows():

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from training import toy
+import toyworld as toy
 
 
 def test_table_trains_every_variant_and_scores_both_prompt_sets(tmp_path):
-    from training.toy import table
+    from toyworld import table
 
     out = tmp_path / "results.md"
     argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--prompts", "2", "--best-of", "2"]
@@ -32,7 +32,7 @@ def test_table_trains_every_variant_and_scores_both_prompt_sets(tmp_path):
 
 
 def test_prompt_sets_are_seeded_samples_of_their_files():
-    from training.toy import table
+    from toyworld import table
     from training.train import parse
 
     cfg, _ = parse(["--config", table.CONFIG])

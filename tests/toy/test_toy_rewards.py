@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import toy
-from training.toy import world
-from training.toy.rewards import load_toy_aesthetic, load_toy_clip
+import toyworld as toy
+from toyworld import world
+from toyworld.rewards import load_toy_aesthetic, load_toy_clip
 
 
 def spec(name, path=None, **options):
@@ -79,7 +79,9 @@ def test_toy_aesthetic_prefers_the_hidden_taste(aesthetic):
 
 
 def test_missing_file_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="toy reward file .* not found. HINT: run python -m training.toy.build"):
+    with pytest.raises(
+        FileNotFoundError, match="toy reward file .* not found. HINT: run python -m toyworld.factory.build"
+    ):
         load_toy_clip(spec("toy_clip", path=str(tmp_path / "nope.safetensors")), "cpu", torch.float32)
 
 

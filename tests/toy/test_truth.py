@@ -1,10 +1,10 @@
-"""The ground-truth checker (training/toy/truth.py): it reads what the world drew, and it is no reward."""
+"""The ground-truth checker (toyworld/truth.py): it reads what the world drew, and it is no reward."""
 
 import numpy as np
 import pytest
 import torch
 
-from training.toy import truth, world
+from toyworld import truth, world
 
 SPEC = world.SceneSpec("triangle", "red", "left", "small", 3, "blue")
 
@@ -54,5 +54,6 @@ def test_metrics_have_the_reward_signature_but_no_training_use():
     taste = truth.load_taste(None)(images, prompts)
     assert accuracy.tolist() == pytest.approx([1.0, 5 / 6])
     assert taste.shape == (2,) and taste[0] > 0.5
-    with pytest.raises(ValueError, match="HyperAlign: rewards\\[0\\] is 'toy_truth', an evaluation metric"):
-        check_files(load_config("training/configs/toy.yaml", ["rewards=[{'name': 'toy_truth'}]"]))
+    truth_as_reward = "rewards=[{'name': 'toy_truth', 'loader': 'toyworld.truth:load_truth'}]"
+    with pytest.raises(ValueError, match="HyperAlign: rewards\\[0\\] \\('toy_truth'\\) is an evaluation metric"):
+        check_files(load_config("training/configs/toy.yaml", [truth_as_reward]))

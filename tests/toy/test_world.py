@@ -5,8 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from training import toy
-from training.toy import world
+import toyworld as toy
+from toyworld import world
 
 
 def test_every_prompt_parses_back_to_its_scene():

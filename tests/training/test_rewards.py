@@ -396,8 +396,6 @@ def test_registry_has_the_contracted_entries():
         "imagereward",
         "brightness",
         "color",
-        "toy_clip",
-        "toy_aesthetic",
     ):
         assert name in REWARDS
     for name, spec in REWARDS.items():  # every entry resolves to a loader, not just a string with a ':'

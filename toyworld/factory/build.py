@@ -1,4 +1,4 @@
-"""Regenerate every toy asset: ``python -m training.toy.build [--out DIR] [--threads 1] [--quick]``.
+"""Regenerate every toy asset: ``python -m toyworld.factory.build [--out DIR] [--threads 1] [--quick]``.
 
 Stages, each seeded from --seed, each on a fixed number of torch threads with deterministic kernels:
 
@@ -8,14 +8,14 @@ Stages, each seeded from --seed, each on a fixed number of torch threads with de
    encoder, as CLIP's does in SD1.5;
 3. the UNet, on VAE latents and text-encoder states of the training prompts;
 4. the rewards go on training on the base model's own samples, labelled by the ground-truth checker
-   (training/toy/grounding.py), and the build measures how well they then rank held-out samples;
+   (toyworld/factory/grounding.py), and the build measures how well they then rank held-out samples;
 5. the model folder, the preference pairs, and the base model's scores by ground truth and by the
    rewards (report.json, samples.png).
 
 Two processes of one thread each use two cores without the thread-synchronisation stalls that a
 two-thread torch suffers on a busy machine. ``--device cuda`` runs the training stages on a GPU (the same
 config; results then match a CPU build only statistically). ``--quick`` runs a few steps of everything,
-for smoke tests; its assets are useless. training/toy/README.md lists sizes, times and scores.
+for smoke tests; its assets are useless. toyworld/README.md lists sizes, times and scores.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ASSETS, publish, truth, world
+from .. import ASSETS, truth, world
+from . import publish
 from .renders import RenderPool, render_pool
 
-logger = logging.getLogger("training.toy.build")
+logger = logging.getLogger("toyworld.factory.build")
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,9 @@ class Timer:
 
 def train_rewards(cfg: BuildConfig, images: np.ndarray, styles: np.ndarray) -> dict:
     """Stage 2b (the child process): toy_clip and toy_aesthetic on the pool of every scene."""
-    from .nets import text_config
+    from ..nets import text_config
+    from ..vocab import WordTokenizer, build_vocab
     from .scorers import train_aesthetic, train_clip
-    from .vocab import WordTokenizer, build_vocab
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [rewards] %(message)s", datefmt="%H:%M:%S")
     pool = RenderPool(world.all_specs(), cfg.per_spec, images, styles)
@@ -136,7 +137,7 @@ def train_rewards(cfg: BuildConfig, images: np.ndarray, styles: np.ndarray) -> d
 def _rebuild_rewards(trained: dict):
     from transformers import CLIPTextConfig
 
-    from .nets import ToyAesthetic, ToyClip
+    from ..nets import ToyAesthetic, ToyClip
 
     clip = ToyClip(CLIPTextConfig(**trained["text_config"]))
     clip.load_state_dict(trained["clip"])
@@ -169,14 +170,14 @@ def _vae_and_rewards(cfg: BuildConfig, pool: RenderPool, train_rows: np.ndarray,
 
 
 def build(out: Path, cfg: BuildConfig) -> dict:
+    from ..rewards import ToyAestheticReward, ToyClipReward, load_toy_aesthetic, load_toy_clip, save_reward
+    from ..vocab import WordTokenizer
     from .base_report import evaluate_base
     from .codec import decode, encode, scaling_factor
     from .diffusion import embed_prompts, sample, train_unet
     from .grounding import agreement, label, sample_scenes
     from .prefs import write_pairs
-    from .rewards import ToyAestheticReward, ToyClipReward, load_toy_aesthetic, load_toy_clip, save_reward
     from .scorers import aesthetic_accuracy, clip_accuracy, train_aesthetic, train_clip
-    from .vocab import WordTokenizer
 
     timer, report = Timer(), {"config": asdict(cfg)}
     started = time.perf_counter()

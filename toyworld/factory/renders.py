@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import world
+from .. import world
 
 
 @dataclass

@@ -106,7 +106,7 @@ class WordTokenizer:
         if unknown:
             raise ValueError(
                 f"HyperAlign: the toy reward does not know the word(s) {unknown} in {prompt!r}. "
-                "HINT: toy rewards score toy-world prompts only (training/toy/assets/prompts/*.txt)."
+                "HINT: toy rewards score toy-world prompts only (toyworld/assets/prompts/*.txt)."
             )
         ids = [self.bos] + [self.vocab[w + END] for w in words][: self.max_length - 2] + [self.eos]
         return ids + [self.eos] * (self.max_length - len(ids))

@@ -47,7 +47,7 @@ def _read(spec, default: Path, kind: str) -> tuple[dict, dict]:
     if meta.get("kind") != kind:
         raise ValueError(
             f"HyperAlign: '{path}' is not a {kind} reward file (header kind {meta.get('kind')!r}). "
-            f"HINT: point the reward's path at training/toy/assets/rewards/{kind}.safetensors or {BUILD_HINT}."
+            f"HINT: point the reward's path at toyworld/assets/rewards/{kind}.safetensors or {BUILD_HINT}."
         )
     return meta, load_file(str(path))
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..nets import VAE_CHANNELS, vae_config
 from .fitting import Progress, deterministic, set_lr
-from .nets import VAE_CHANNELS, vae_config
 
 FACTOR = 2 ** (len(VAE_CHANNELS) - 1)  # pixels per latent pixel
 

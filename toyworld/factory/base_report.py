@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import truth, world
+from .. import truth, world
 
 
 @torch.no_grad()

@@ -145,7 +145,7 @@ def parse_prompt(prompt: str) -> SceneSpec:
     except (KeyError, IndexError, ValueError) as error:
         raise ValueError(
             f"HyperAlign: {prompt!r} is not a toy-world prompt. HINT: toy prompts read like "
-            f"'two small red circles on the left, blue background' (see training/toy/world.py)."
+            f"'two small red circles on the left, blue background' (see toyworld/world.py)."
         ) from error
     if prompt_of(spec) != " ".join(prompt.strip().lower().split()):
         raise ValueError(f"HyperAlign: {prompt!r} is not a toy-world prompt (expected {prompt_of(spec)!r}).")

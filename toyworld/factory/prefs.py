@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import world
+from .. import world
 
 CANDIDATE_STYLES = 6
 

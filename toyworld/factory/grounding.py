@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import truth, world
+from .. import truth, world
 from .scorers import Generated
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import world
+from .. import world
 
 GENERATED = ("model", "rewards", "prefs", "prompts", "report.json", "samples.png")
 
@@ -34,8 +34,8 @@ def save_model(out: Path, vae, text_encoder, unet) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from .nets import scheduler_config
-    from .vocab import write_tokenizer
+    from ..nets import scheduler_config
+    from ..vocab import write_tokenizer
 
     folder = out / "model"
     write_tokenizer(folder / "tokenizer")

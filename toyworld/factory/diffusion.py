@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..nets import scheduler_config, unet_config
 from .fitting import EMA, Progress, deterministic, set_lr
-from .nets import scheduler_config, unet_config
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The toy world's comparison table: ``python -m training.toy.table [--out docs/toy-results.md]``.
+"""The toy world's comparison table: ``python -m toyworld.table [--out docs/toy-results.md]``.
 
 Every variant samples the same prompts with the same noises (fresh noise for every image: prompt i
 uses seeds ``seed + NOISE_STRIDE * i``, as ``training.evaluate`` does), sampler (DDIM), steps and CFG
@@ -6,7 +6,7 @@ scale as ``training/configs/toy.yaml``:
 
 - base: the toy model alone;
 - Best-of-N (N = 20): per seed slot, the best of N samples by the training reward;
-- static LoRA: the fine-tuning baseline (training/toy/baselines.py), trained by the same objective,
+- static LoRA: the fine-tuning baseline (toyworld/baselines.py), trained by the same objective,
   data, steps, batch and learning rate as HyperAlign;
 - HyperAlign S trained on the reward only (lambda = 0), and on the preference term only;
 - HyperAlign I, P and S, each trained in its own mode.
@@ -15,7 +15,7 @@ Two prompt sets, each a seeded random sample: held-out prompts (colour-shape pai
 the predictor never saw: compositional generalisation) and training prompts (the distribution the
 predictor was trained on). Columns: ground truth (``toy_truth``: share of the prompt's attributes the
 image shows; ``toy_taste``: the hidden taste of its measured style; both read from pixels by
-training/toy/truth.py, never trained on), each learned reward, the training reward (their weighted
+toyworld/truth.py, never trained on), each learned reward, the training reward (their weighted
 sum), diversity (mean pairwise cosine distance of toy_clip image embeddings across a prompt's noises)
 and seconds per image on this machine; each with its difference from base paired by prompt ± the
 standard error over prompts. A row whose training reward rises while a truth column falls (each by
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from hyperalign.atomic import atomic_path, write_json, write_text
+from training import evaluate, keysteps, train
 
-from .. import evaluate, keysteps, train
 from . import ASSETS
 
 CONFIG = "training/configs/toy.yaml"
@@ -87,9 +87,10 @@ def train_static(argv: list[str]) -> int:
     """training.train with the hypernet swapped for a StaticLoRA before the first step."""
     from tqdm.auto import tqdm
 
-    from ..config import check_files
-    from ..engine import build, close_logging, lr_lambda, make_accelerator, setup_logging
-    from ..loop import log_metrics, train_step
+    from training.config import check_files
+    from training.engine import build, close_logging, lr_lambda, make_accelerator, setup_logging
+    from training.loop import log_metrics, train_step
+
     from .baselines import StaticLoRA
 
     cfg, _ = train.parse(argv)
@@ -148,8 +149,8 @@ class Scorer:
     """The metrics of the config, and the training reward: the weighted sum of the training rewards."""
 
     def __init__(self, cfg, device):
-        from ..models import DTYPES
-        from ..rewards import RewardSet
+        from training.models import DTYPES
+        from training.rewards import RewardSet
 
         self.metrics = RewardSet(cfg.eval.metrics, device, DTYPES[cfg.model.base_dtype])
         self.weights = {spec.name: spec.weight for spec in cfg.rewards}
@@ -188,8 +189,9 @@ def _with_reward(record: dict, weights: dict[str, float]) -> dict:
 
 def best_of_n_prompt(ctx, scorer: Scorer, prompt: str, index: int, n: int) -> dict:
     """Base samples of n seeds per slot; keep the best of each slot by the training reward."""
-    from ..evaluate import _embed, diversity, prompt_seeds
-    from ..sampling import Trajectory, per_sample_noise
+    from training.evaluate import _embed, diversity, prompt_seeds
+    from training.sampling import Trajectory, per_sample_noise
+
     from .baselines import best_of_n
 
     family, seeds, guidance = ctx["family"], prompt_seeds(ctx["seeds"], index), ctx["guidance"]
@@ -210,7 +212,7 @@ def best_of_n_prompt(ctx, scorer: Scorer, prompt: str, index: int, n: int) -> di
 
 def prompt_set(cfg, source: str, count: int) -> list[str]:
     """A seeded random sample of eval.prompts ("eval") or data.prompts ("train"): the files are sorted by attribute."""
-    from ..data import read_prompts
+    from training.data import read_prompts
 
     prompts = read_prompts(cfg.eval.prompts if source == "eval" else cfg.data.prompts)
     return random.Random(cfg.run.seed).sample(prompts, min(count, len(prompts)))
@@ -218,9 +220,9 @@ def prompt_set(cfg, source: str, count: int) -> list[str]:
 
 def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dict]:
     from hyperalign.io import load_predictor
+    from training.adapters import load_adapter
+    from training.engine import make_accelerator
 
-    from ..adapters import load_adapter
-    from ..engine import make_accelerator
     from .baselines import StaticLoRA
 
     accelerator = make_accelerator(cfg)
@@ -325,7 +327,7 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
         [
             "# HyperAlign on the toy world: the comparison table",
             "",
-            f"Made by `{command}` (training/toy/table.py; {protocol['total_minutes']:.0f} min in all).",
+            f"Made by `{command}` (toyworld/table.py; {protocol['total_minutes']:.0f} min in all).",
             "",
             f"Prompts: {protocol['prompts']} per set, a seeded random sample of each set "
             "(held-out: colour-shape pairs never seen in training; training: the prompts the predictor trained on), "
@@ -337,7 +339,7 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             f"lr {protocol['lr']}, λ = {protocol['pref_weight']} unless stated. Scores are means over all images, "
             "with (in brackets) the difference from base paired by prompt ± its standard error over prompts; "
             "`toy_truth` (share of the prompt's six attributes the image shows) and `toy_taste` (the hidden taste "
-            "of its measured style) are ground truth read from pixels (training/toy/truth.py), never a training "
+            "of its measured style) are ground truth read from pixels (toyworld/truth.py), never a training "
             "reward; `reward` is the training reward "
             f"({' + '.join(f'{w:g}·{n}' for n, w in protocol['reward_weights'].items())}). "
             "⚠ marks a row whose training reward rises while ground truth falls (each by > 2 SE): reward hacking. "
@@ -356,12 +358,12 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.toy.table", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m toyworld.table", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/toy-results.md", help="Markdown table (JSON next to it)")
     p.add_argument("--work", default="outputs/table", help="folder for the trained variants")
     p.add_argument("--prompts", type=int, default=100, help="prompts per set, held-out and training (default 100)")
     p.add_argument("--best-of", type=int, default=BEST_OF)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see training/toy/demo.py)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see toyworld/demo.py)")
     p.add_argument("--skip-training", action="store_true", help="evaluate the variants already in --work")
     p.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. optim.max_steps=50")
     args = p.parse_args(argv)
@@ -370,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     work = os.path.abspath(args.work)
     common = ["--config", CONFIG, f"run.output_dir={work!r}", "run.save_every=100000", *args.overrides]
     if not os.path.isfile(os.path.join(train.parse(common)[0].model.path, "model_index.json")):
-        raise SystemExit(f"HyperAlign: the toy world is not built in {ASSETS}. HINT: run python -m training.toy.build.")
+        raise SystemExit(
+            f"HyperAlign: the toy world is not built in {ASSETS}. HINT: run python -m toyworld.factory.build."
+        )
     seconds = {} if args.skip_training else train_all(common, work)
     cfg, _ = train.parse(common)
     results = {}
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads",
         "total_minutes": (time.perf_counter() - started) / 60,
     }
-    command = "python -m training.toy.table " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m toyworld.table " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(results, protocol, seconds, command.strip())
     numbers = {"protocol": protocol, "training_seconds": seconds, "results": results}
     write_json(os.path.splitext(args.out)[0] + ".json", numbers)

@@ -1,7 +1,7 @@
 """The main job: train a HyperAlign predictor on the toy world, evaluate it, and use it in ComfyUI.
 
     ./scripts/demo.sh                      # sets up the environment, then runs this
-    python -m training.toy.demo [--out outputs/demo] [--steps N] [--prompts 24] [--threads 1] [--skip-comfy]
+    python -m toyworld.demo [--out outputs/demo] [--steps N] [--prompts 24] [--threads 1] [--skip-comfy]
 
 No downloads, no GPU. Steps: (1) P-mode keysteps from base trajectories (training.keysteps);
 (2) training (training.train, configs/toy.yaml) with a progress bar; (3) evaluation on a fixed
@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from .. import comfy_host
+from training import comfy_host
+
 from .comfy_model import comfy_model_from_diffusers
 
 CONFIG = "training/configs/toy.yaml"
@@ -35,7 +36,7 @@ def _check_assets(assets: str) -> None:
     missing = [n for n in needed if not os.path.isfile(os.path.join(assets, n))]
     if missing:
         raise FileNotFoundError(
-            f"HyperAlign: the toy world's assets are missing ({missing}). HINT: run python -m training.toy.build."
+            f"HyperAlign: the toy world's assets are missing ({missing}). HINT: run python -m toyworld.factory.build."
         )
 
 
@@ -156,7 +157,7 @@ def _latent_hw(model_path: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m training.toy.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m toyworld.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's optim.max_steps)")
@@ -169,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     assets = os.path.abspath(args.assets)
     if assets == ASSETS and not os.path.isfile(os.path.join(ASSETS, "model", "model_index.json")):
         # the toy world's weights are not shipped yet: build them (deterministic, CPU; slow on 2 cores)
-        from . import build
+        from .factory import build
 
-        print("== the toy world is not built yet: python -m training.toy.build (this takes a long time on a CPU)")
+        print("== the toy world is not built yet: python -m toyworld.factory.build (this takes a long time on a CPU)")
         if build.main([]):
             raise SystemExit("HyperAlign: building the toy world failed; see the messages above.")
     _check_assets(assets)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
+from .. import world
+from ..nets import ToyAesthetic, ToyClip
 from .fitting import Progress, deterministic, set_lr
-from .nets import ToyAesthetic, ToyClip
 from .renders import RenderPool
 
 

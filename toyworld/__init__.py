@@ -3,7 +3,7 @@
 Helpers for drivers and tests; nothing heavy is imported here:
 
 - :data:`ASSETS`, :data:`MODEL_DIR`, :data:`CLIP_FILE`, :data:`AESTHETIC_FILE`, :data:`PREFS_FILE`,
-  :data:`PROMPTS_DIR`: where ``python -m training.toy.build`` writes what it makes;
+  :data:`PROMPTS_DIR`: where ``python -m toyworld.factory.build`` writes what it makes;
 - :func:`load_prompts` ("train" or "heldout"), :func:`sample_prompts`;
 - :func:`render_prompt`: a toy prompt as an ideal (or styled) 32x32 image;
 - :func:`unet_arch`: the ``hyperalign.targets.UNetArch`` of the toy UNet.
@@ -21,7 +21,7 @@ PREFS_FILE = ASSETS / "prefs" / "pairs.jsonl"
 PROMPTS_DIR = ASSETS / "prompts"
 REPORT_FILE = ASSETS / "report.json"
 SPLITS = ("train", "heldout")
-BUILD_HINT = "run python -m training.toy.build"
+BUILD_HINT = "run python -m toyworld.factory.build"
 
 
 def prompts_file(split: str) -> Path:
@@ -59,5 +59,5 @@ def unet_arch():
 
 
 def assets_built() -> bool:
-    """Whether the toy world's trained assets exist (they are built by ``python -m training.toy.build``)."""
+    """Whether the toy world's trained assets exist (they are built by ``python -m toyworld.factory.build``)."""
     return (MODEL_DIR / "model_index.json").is_file() and PREFS_FILE.is_file()

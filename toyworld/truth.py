@@ -295,7 +295,7 @@ def validate(count: int = 400, seed: int = 0) -> dict:
 
 
 class _Metric(torch.nn.Module):
-    """A ground-truth column for ``eval.metrics`` (registry names ``toy_truth`` and ``toy_taste``): the
+    """A ground-truth column for ``eval.metrics`` (loaders ``toyworld.truth:load_truth`` and ``load_taste``): the
     reward signature, (images, prompts) -> (b,), but no gradient; the trainer refuses it as a reward.
     Both columns come from one reading: the last batch's reading is kept so the second costs nothing."""
 
@@ -327,3 +327,6 @@ def load_truth(spec, device="cpu", dtype=torch.float32) -> torch.nn.Module:
 def load_taste(spec, device="cpu", dtype=torch.float32) -> torch.nn.Module:
     """The hidden taste of an image's measured style (ideal renders about +1, the worst about -2.4)."""
     return _Metric("toy_taste")
+
+
+load_truth.metric_only = load_taste.metric_only = True  # training refuses them as rewards
