@@ -44,15 +44,15 @@ def test_prompt_sets_are_seeded_samples_of_their_files():
 @pytest.mark.xfail(
     strict=True,
     reason="docs/toy-results.md was made on the toy world before its rebuild (8x8 latents, no ground truth) and has "
-    "not been remade yet: run python -m training.toy.table, then remove this mark (strict: it fails once the table "
+    "not been remade yet: run python -m toyworld.table, then remove this mark (strict: it fails once the table "
     "matches)",
 )
 def test_the_docs_table_records_the_protocol_that_ships():
     """docs/toy-results.md is made by the table from what ships: when training/configs/toy.yaml changes, the table
-    must be made again (python -m training.toy.table), or this fails."""
+    must be made again (python -m toyworld.table), or this fails."""
     from pathlib import Path
 
-    from training.toy import table
+    from toyworld import table
     from training.train import parse
 
     cfg, _ = parse(["--config", table.CONFIG])
@@ -74,7 +74,7 @@ def test_the_docs_table_records_the_protocol_that_ships():
 
 
 def test_hacking_flag_needs_reward_up_and_truth_down_beyond_two_standard_errors():
-    from training.toy.table import hacking
+    from toyworld.table import hacking
 
     def row(reward, truth):
         return {"vs_base": {"reward": {"mean": reward, "se": 0.1}, "toy_truth": {"mean": truth, "se": 0.01}}}
