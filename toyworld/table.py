@@ -104,7 +104,7 @@ def train_static(argv: list[str]) -> int:
         static.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
     )
     tr.hypernet, tr.optimizer = accelerator.prepare(static, optimizer)
-    tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lr_lambda(o))
+    tr.lr_schedule = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lr_lambda(o))
     try:
         last = time.perf_counter()
         for _ in tqdm(range(o.max_steps), desc="train static LoRA", disable=not cfg.run.progress):
@@ -119,7 +119,7 @@ def train_static(argv: list[str]) -> int:
             save_file(state, tmp, {"targets": json.dumps(static.ids)})
     finally:
         accelerator.end_training()
-        tr.family.detach()
+        tr.adapter.detach()
         close_logging()
     return 0
 
@@ -194,14 +194,14 @@ def best_of_n_prompt(ctx, scorer: Scorer, prompt: str, index: int, n: int) -> di
 
     from .baselines import best_of_n
 
-    family, seeds, guidance = ctx["family"], prompt_seeds(ctx["seeds"], index), ctx["guidance"]
+    adapter, seeds, guidance = ctx["adapter"], prompt_seeds(ctx["seeds"], index), ctx["guidance"]
     candidates = [seed + 1000 * j for j in range(n) for seed in seeds]  # candidate 0 = the slot's own seed
     started = time.perf_counter()
     with torch.no_grad():
-        cond = family.encode_prompts([prompt] * len(candidates), uncond=guidance != 1.0)
-        x = per_sample_noise(family.latent_shape(1)[1:], candidates, family.device)
-        latents, _ = Trajectory(family, None, ctx["hcfg"], cond, ctx["schedule"], guidance).generate(x)
-        images = family.decode(latents)
+        cond = adapter.encode_prompts([prompt] * len(candidates), uncond=guidance != 1.0)
+        x = per_sample_noise(adapter.latent_shape(1)[1:], candidates, adapter.device)
+        latents, _ = Trajectory(adapter, None, ctx["hcfg"], cond, ctx["steps"], guidance).generate(x)
+        images = adapter.decode(latents)
         terms = scorer(images, [prompt] * len(candidates))
         chosen = best_of_n(terms["reward"].cpu(), len(seeds))
     seconds = (time.perf_counter() - started) / len(seeds)
@@ -226,20 +226,20 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
     from .baselines import StaticLoRA
 
     accelerator = make_accelerator(cfg)
-    family = load_adapter(cfg.model, accelerator.device)
+    adapter = load_adapter(cfg.model, accelerator.device)
     scorer = Scorer(cfg, accelerator.device)
     loaded = {
         v.name: load_predictor(os.path.join(work, v.slug, "predictor.safetensors")) for v in TRAINED if not v.static
     }
     reference = loaded["HyperAlign S"]
     hcfg = reference.meta.hypernet_config()
-    family.attach(reference.targets, hcfg.scale)  # every variant has the same targets, rank and alpha
+    adapter.attach(reference.targets, hcfg.scale)  # every variant has the same targets, rank and alpha
     ctx = {
-        "family": family,
+        "adapter": adapter,
         "hcfg": hcfg,
         "seeds": list(cfg.eval.seeds),
         "guidance": cfg.sampling.guidance,
-        "schedule": family.schedule(cfg.sampling.num_steps),
+        "steps": adapter.sampling_steps(cfg.sampling.num_steps),
         "accelerator": accelerator,
         "metrics": scorer.metrics,
         "save_images": False,
@@ -271,13 +271,13 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
             from safetensors.torch import load_file
 
             static.load_state_dict(load_file(os.path.join(work, variant.slug, "static_lora.safetensors")))
-            results[variant.name] = run_variant(static.to(family.device).eval(), variant.mode)
+            results[variant.name] = run_variant(static.to(adapter.device).eval(), variant.mode)
         else:
             predictor = loaded[variant.name]
             results[variant.name] = run_variant(
                 predictor.hypernet.float().eval(), variant.mode, predictor.meta.keysteps
             )
-    family.detach()
+    adapter.detach()
     return results
 
 

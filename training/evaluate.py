@@ -75,19 +75,19 @@ def evaluate_prompt(ctx, prompt: str, index: int = 0) -> dict:
     """Every variant's scores, diversity and seconds for prompt number `index`; images when asked."""
     from .sampling import Trajectory, per_sample_noise
 
-    family, seeds, guidance = ctx["family"], prompt_seeds(ctx["seeds"], index), ctx["guidance"]
-    cond = family.encode_prompts([prompt] * len(seeds), uncond=guidance != 1.0)
-    x = per_sample_noise(family.latent_shape(1)[1:], seeds, family.device)
+    adapter, seeds, guidance = ctx["adapter"], prompt_seeds(ctx["seeds"], index), ctx["guidance"]
+    cond = adapter.encode_prompts([prompt] * len(seeds), uncond=guidance != 1.0)
+    x = per_sample_noise(adapter.latent_shape(1)[1:], seeds, adapter.device)
     out = {}
     for variant in ctx["variants"]:
         hypernet = None if variant == "base" else ctx["hypernet"]
         mode = "S" if variant == "base" else variant
-        trajectory = Trajectory(family, hypernet, ctx["hcfg"], cond, ctx["schedule"], guidance, mode, ctx["keysteps"])
+        trajectory = Trajectory(adapter, hypernet, ctx["hcfg"], cond, ctx["steps"], guidance, mode, ctx["keysteps"])
         _sync()
         start = time.perf_counter()
         with torch.no_grad(), ctx["accelerator"].autocast():
             latents, _ = trajectory.generate(x)
-            images = family.decode(latents)
+            images = adapter.decode(latents)
         _sync()
         seconds = (time.perf_counter() - start) / len(seeds)
         with torch.no_grad():
@@ -191,23 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator, cfg.run_dir)
     device = accelerator.device
-    family = load_adapter(cfg.model, device)
+    adapter = load_adapter(cfg.model, device)
     predictor = load_predictor(args.predictor, device)
-    if predictor.meta.family != family.name:
+    if predictor.meta.family != adapter.name:
         raise ValueError(
             f"HyperAlign: predictor {args.predictor!r} was trained for {predictor.meta.family!r} but "
-            f"model.family is {family.name!r}. HINT: evaluate it with its own base model."
+            f"model.family is {adapter.name!r}. HINT: evaluate it with its own base model."
         )
     hcfg = predictor.meta.hypernet_config()
-    family.attach(predictor.targets, hcfg.scale)
+    adapter.attach(predictor.targets, hcfg.scale)
     prompts = read_prompts(cfg.eval.prompts)
     ctx = {
-        "family": family,
+        "adapter": adapter,
         "hypernet": predictor.hypernet.float(),
         "hcfg": hcfg,
         "seeds": list(cfg.eval.seeds),
         "guidance": cfg.sampling.guidance,
-        "schedule": family.schedule(cfg.sampling.num_steps),
+        "steps": adapter.sampling_steps(cfg.sampling.num_steps),
         "keysteps": _read_or_meta_keysteps(cfg, predictor),
         "accelerator": accelerator,
         "metrics": RewardSet(cfg.eval.metrics, device, DTYPES[cfg.model.base_dtype]) if cfg.eval.metrics else None,
@@ -231,11 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             "predictor": args.predictor,
             "protocol": {
                 "base_model": cfg.model.path,
-                "family": family.name,
+                "family": adapter.name,
                 "num_steps": cfg.sampling.num_steps,
                 "guidance": cfg.sampling.guidance,
                 "resolution": cfg.model.resolution,
-                "sampler": "flow-matching euler" if family.name == "flux" else "ddim (eta 0)",
+                "sampler": "flow-matching euler" if adapter.name == "flux" else "ddim (eta 0)",
                 "seeds": list(cfg.eval.seeds),
                 "noise": f"prompt i: seed + {NOISE_STRIDE} * i",
                 "prompts": len(prompts),
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(os.path.join(out_dir, "results.json"), report)
         write_text(os.path.join(out_dir, "results.md"), table)
         print(table)
-    family.detach()
+    adapter.detach()
     return 0
 
 
