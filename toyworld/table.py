@@ -223,7 +223,7 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
     from training.adapters import load_adapter
     from training.engine import make_accelerator
 
-    from .baselines import StaticLoRA
+    from .baselines import DeltaNormRecorder, StaticLoRA, target_weights
 
     accelerator = make_accelerator(cfg)
     adapter = load_adapter(cfg.model, accelerator.device)
@@ -250,11 +250,15 @@ def evaluate_all(cfg, work: str, prompts: list[str], best: int) -> dict[str, dic
     def row(records: list[dict]) -> dict:
         return dict(_row(records), vs_base=evaluate.paired(records, base or records))
 
+    weights = target_weights(adapter.denoiser, reference.targets)
+
     def run_variant(hypernet, mode: str, keys=(0.0,)) -> dict:
-        ctx.update(hypernet=hypernet, variants=[mode], keysteps=keys)
-        return row(
-            [_with_reward(evaluate.evaluate_prompt(ctx, p, i)[mode], scorer.weights) for i, p in enumerate(prompts)]
-        )
+        recorder = DeltaNormRecorder(hypernet, weights, hcfg.scale)  # how far each LoRA moves the model
+        ctx.update(hypernet=recorder, variants=[mode], keysteps=keys)
+        records = [
+            _with_reward(evaluate.evaluate_prompt(ctx, p, i)[mode], scorer.weights) for i, p in enumerate(prompts)
+        ]
+        return dict(row(records), relative_delta_norm=recorder.mean())
 
     ctx.update(hypernet=None, variants=["base"], keysteps=(0.0,))
     for i, p in enumerate(prompts):
@@ -307,12 +311,13 @@ def hacking(row: dict) -> bool:
 
 def _table(results: dict) -> list[str]:
     names = list(next(iter(results.values()))["metrics"])
-    head = "| variant | " + " | ".join(names) + " | diversity | s/image | hypernet calls/image |"
-    lines = [head, "|" + "---|" * (len(names) + 4)]
+    head = "| variant | " + " | ".join(names) + " | diversity | s/image | hypernet calls/image | ‖ΔW‖/‖W‖ |"
+    lines = [head, "|" + "---|" * (len(names) + 5)]
     for variant, row in results.items():
         cells = [_cell(row, n, variant == "base") for n in names]
         variant = f"{variant} ⚠ reward hacking" if variant != "base" and hacking(row) else variant
         cells += [f"{row['diversity']:.4f}", f"{row['seconds_per_image']:.4f}", f"{row['hypernet_calls_per_image']:g}"]
+        cells.append(f"{row['relative_delta_norm']:.3f}" if "relative_delta_norm" in row else "0")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
 

@@ -22,6 +22,7 @@ def test_table_trains_every_variant_and_scores_both_prompt_sets(tmp_path):
         assert list(rows) == expected, split
         assert rows["HyperAlign S"]["hypernet_calls_per_image"] == 10
         assert rows["HyperAlign I"]["hypernet_calls_per_image"] == 1
+        assert rows["static LoRA"]["relative_delta_norm"] > 0 and "relative_delta_norm" not in rows["base"]
         assert {"toy_truth", "toy_taste", "toy_clip", "toy_aesthetic", "reward"} <= set(rows["base"]["metrics"])
         assert rows["base"]["vs_base"]["reward"] == {"mean": 0.0, "se": 0.0}  # paired with itself
         mean_gap = rows["HyperAlign I"]["metrics"]["reward"]["mean"] - rows["base"]["metrics"]["reward"]["mean"]
