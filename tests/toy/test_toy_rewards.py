@@ -98,9 +98,15 @@ def test_unknown_words_are_refused(clip):
         clip(torch.rand(1, 3, 32, 32), ["a photo of a cat"])
 
 
-def test_trainer_registry_loads_the_toy_rewards():
+def test_the_trainer_loads_the_toy_rewards_by_the_loaders_toy_yaml_names():
     from training import rewards
+    from training.config import load_config
 
-    for name in ("toy_clip", "toy_aesthetic"):
-        model = rewards.load_reward(rewards.RewardSpec(name), "cpu", torch.float32)
+    cfg = load_config("training/configs/toy.yaml")
+    assert [spec.loader for spec in cfg.rewards] == ["toyworld.rewards:load_toy_clip", "toyworld.rewards:load_toy_aesthetic"]
+    assert not set(rewards.REWARDS.values()) & {spec.loader for spec in cfg.rewards}  # the registry names no toy code
+    for spec in cfg.rewards:
+        model = rewards.load_reward(spec, "cpu", torch.float32)
         assert model(torch.rand(2, 3, 32, 32), [world.prompt_of(s) for s in FIXED_SPECS[:2]]).shape == (2,)
+    with pytest.raises(ValueError, match="HyperAlign: unknown reward 'toy_clip'.*loader: 'module:function'"):
+        rewards.RewardSpec("toy_clip")
