@@ -103,7 +103,8 @@ def test_the_trainer_loads_the_toy_rewards_by_the_loaders_toy_yaml_names():
     from training.config import load_config
 
     cfg = load_config("training/configs/toy.yaml")
-    assert [spec.loader for spec in cfg.rewards] == ["toyworld.rewards:load_toy_clip", "toyworld.rewards:load_toy_aesthetic"]
+    loaders = [spec.loader for spec in cfg.rewards]
+    assert loaders == ["toyworld.rewards:load_toy_clip", "toyworld.rewards:load_toy_aesthetic"]
     assert not set(rewards.REWARDS.values()) & {spec.loader for spec in cfg.rewards}  # the registry names no toy code
     for spec in cfg.rewards:
         model = rewards.load_reward(spec, "cpu", torch.float32)
