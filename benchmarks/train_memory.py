@@ -234,22 +234,22 @@ def measure(family: str, device: torch.device, tiny: bool = False, log=print) ->
         with acc.autocast():
             loss, metrics = reward_loss(tr, batch, 0)
             acc.backward(loss)
-        tr.family.state.clear()
+        tr.adapter.state.clear()
         peaks["reward term (rollout, step k with gradients, VAE decode, reward, backward)"] = _peak(device)
-        side = tr.family.cfg.resolution // tr.family.vae_scale
-        channels = tr.family.denoiser.config.in_channels if family == "sd15" else 16 if not tiny else 4
+        side = tr.adapter.cfg.resolution // tr.adapter.vae_scale
+        channels = tr.adapter.denoiser.config.in_channels if family == "sd15" else 16 if not tiny else 4
         prefs = {"prompt": batch["prompt"], "index": batch["index"],
                  "latents": torch.randn(batch_size, channels, side, side, device=device)}  # fmt: skip
         with acc.autocast():
             acc.backward(cfg.objective.pref_weight * preference_loss(tr, prefs))
-        tr.family.state.clear()
+        tr.adapter.state.clear()
         peaks["preference term (one denoiser step with gradients, backward)"] = _peak(device)
         tr.optimizer.step()
         tr.optimizer.zero_grad(set_to_none=True)
         peaks["optimiser step"] = _peak(device)
         seconds = time.perf_counter() - started
         hypernet = sum(p.numel() for p in tr.predictor.hypernet.parameters())
-        base = sum(p.numel() for m in tr.family.frozen() for p in m.parameters())
+        base = sum(p.numel() for m in tr.adapter.frozen() for p in m.parameters())
         reward = sum(p.numel() for p in tr.rewards.parameters())
         lines = [
             f"Preset `training/configs/{family}.yaml`: {cfg.model.resolution} px, batch {batch_size} per GPU, "
@@ -273,7 +273,7 @@ def measure(family: str, device: torch.device, tiny: bool = False, log=print) ->
         lines.append(
             f"| reserved by the caching allocator at the end | {torch.cuda.memory_reserved(device) / GB:.2f} |"
         )
-        tr.family.detach()
+        tr.adapter.detach()
         acc.end_training()
         return lines
 

@@ -93,7 +93,7 @@ class StaticLoRA:
     def __init__(self, tr):
         from peft import LoraConfig, inject_adapter_in_model
 
-        family = tr.family
+        family = tr.adapter
         family.detach()  # the copy must not carry the hypernet's hooks
         unet = copy.deepcopy(family.denoiser)
         family.attach(tr.predictor.targets, tr.hcfg.scale)
@@ -108,7 +108,7 @@ class StaticLoRA:
 
     def loss(self, tr, batch, step: int) -> torch.Tensor:
         """The reward term of training.loop.reward_loss with the LoRA fixed: no encoder, no hypernet."""
-        family, cfg = tr.family, tr.cfg
+        family, cfg = tr.adapter, tr.cfg
         prompts, guidance = list(batch["prompt"]), cfg.sampling.guidance
         cond = family.encode_prompts(prompts, uncond=guidance != 1.0)
         x = per_sample_noise(family.latent_shape(1)[1:], noise_seeds(tr, batch), family.device)
@@ -116,9 +116,9 @@ class StaticLoRA:
         with denoiser(family, self.unet):
             with torch.no_grad():
                 for i in range(k):
-                    t = family.timesteps(tr.schedule.t[i], len(prompts))
-                    x = family.step(x, family.predict(x, t, cond, None, guidance), i, tr.schedule)
-            t = family.timesteps(tr.schedule.t[k], len(prompts))
+                    t = family.timesteps(tr.steps.t[i], len(prompts))
+                    x = family.step(x, family.predict(x, t, cond, None, guidance), i, tr.steps)
+            t = family.timesteps(tr.steps.t[k], len(prompts))
             pred = family.predict(x, t, cond, None, guidance)
             images = family.decode(family.x0(x, pred, t))
         total, _ = tr.rewards(images, prompts)
@@ -132,7 +132,7 @@ def noise_seeds(tr, batch) -> list[int]:
 def hypernet_step(tr, batch, step: int) -> None:
     loss, _ = reward_loss(tr, batch, step)
     tr.accelerator.backward(loss)
-    tr.family.state.clear()
+    tr.adapter.state.clear()
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
 
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
                 f"{result['ks']} |"
             )
             print(f"{mode}: {lines[-1]}", flush=True)
-            tr.family.detach()
+            tr.adapter.detach()
             tr.accelerator.end_training()
     lines.append("")
     lines.append(

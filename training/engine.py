@@ -51,24 +51,6 @@ class Trainer:
     consumed: dict = field(default_factory=dict)  # samples consumed per stream before `start_step`
     start_step: int = 0
 
-    # Transition only: training/loop.py, toyworld/table.py and benchmarks/trainer_step.py still use the old
-    # names (family, schedule, scheduler); remove these once they read adapter, steps and lr_schedule.
-    @property
-    def family(self) -> FamilyAdapter:
-        return self.adapter
-
-    @property
-    def schedule(self) -> SamplingSteps:
-        return self.steps
-
-    @property
-    def scheduler(self):
-        return self.lr_schedule
-
-    @scheduler.setter
-    def scheduler(self, value) -> None:
-        self.lr_schedule = value
-
     @property
     def global_batch(self) -> int:
         o = self.cfg.optim

@@ -79,14 +79,14 @@ def train_step(tr: Trainer) -> dict[str, float]:
             if tr.rewards is not None:
                 loss_r, metrics = reward_loss(tr, prompts, tr.step)
                 acc.backward(loss_r)
-                tr.family.state.clear()
+                tr.adapter.state.clear()
                 grads.mark("reward")
                 metrics["loss_reward"] = loss_r.detach()
             if preferences is not None:
                 loss_g = preference_loss(tr, preferences)
                 weight = cfg.objective.pref_weight if share is None else 1.0  # pref_share: lambda set at the end
                 acc.backward(weight * loss_g)
-                tr.family.state.clear()
+                tr.adapter.state.clear()
                 grads.mark("pref", weight or 1.0)
                 metrics["loss_pref"] = loss_g.detach()
             if acc.sync_gradients:
@@ -101,7 +101,7 @@ def train_step(tr: Trainer) -> dict[str, float]:
             tr.optimizer.zero_grad(set_to_none=True)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32, device=acc.device)
-    tr.scheduler.step()
+    tr.lr_schedule.step()
     tr.step += 1
     means = {k: v / cfg.optim.grad_accum_steps for k, v in sums.items()}
     means.update({k: torch.as_tensor(v, dtype=torch.float32, device=acc.device) for k, v in once.items()})
@@ -110,7 +110,7 @@ def train_step(tr: Trainer) -> dict[str, float]:
     keys = sorted(means)
     reduced = acc.reduce(torch.stack([torch.as_tensor(means[k], device=acc.device).float() for k in keys]), "mean")
     out = {k: float(v) for k, v in zip(keys, reduced.tolist())}
-    out["lr"] = tr.scheduler.get_last_lr()[0]
+    out["lr"] = tr.lr_schedule.get_last_lr()[0]
     return out
 
 
@@ -137,7 +137,7 @@ def save(tr: Trainer) -> None:
         tr.step,
         tr.hypernet,
         tr.optimizer,
-        tr.scheduler,
+        tr.lr_schedule,
         state,
         tr.predictor.meta,
         tr.cfg.run.keep_last,

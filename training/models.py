@@ -140,10 +140,6 @@ class FamilyAdapter:
         finally:
             self.state.factors, self.state._bound = saved
 
-    def schedule(self, num_steps: int) -> SamplingSteps:
-        """Transition only: training/evaluate.py and toyworld/table.py still call it; use sampling_steps()."""
-        return self.sampling_steps(num_steps)
-
     # shared helpers -----------------------------------------------------------------------------
     def frozen(self) -> list[nn.Module]:
         raise NotImplementedError

@@ -72,14 +72,14 @@ def reward_loss(tr: Trainer, batch, step: int) -> tuple[torch.Tensor, dict]:
 def _x0_reward_loss(tr: Trainer, batch, k: int, checkpointed: bool = False) -> tuple[torch.Tensor, dict]:
     """`checkpointed`: the model call binds its LoRA itself (checkpointed_predict), so several calls can be
     back-propagated together; otherwise the factors stay bound until train_step clears them after backward."""
-    cfg, family = tr.cfg, tr.family
+    cfg, family = tr.cfg, tr.adapter
     prompts, guidance = list(batch["prompt"]), cfg.sampling.guidance
     cond = family.encode_prompts(prompts, uncond=guidance != 1.0)
     x = per_sample_noise(family.latent_shape(1)[1:], _seeds(tr, NOISE, batch), family.device)
-    trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.schedule, guidance, cfg.objective.mode, tr.keysteps)
+    trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.steps, guidance, cfg.objective.mode, tr.keysteps)
     x_k, inputs = trajectory.rollout(x, k)
     factors = inputs.run(tr.hypernet)  # with gradients: the prediction the mode uses at step k
-    t = family.timesteps(tr.schedule.t[k], len(prompts))
+    t = family.timesteps(tr.steps.t[k], len(prompts))
     if checkpointed:
         pred = checkpointed_predict(family, x_k, t, cond, factors, guidance)
     else:
@@ -110,8 +110,8 @@ def _per_sample_reward_loss(tr: Trainer, batch) -> tuple[torch.Tensor, dict]:
 
 def _final_reward_loss(tr: Trainer, batch) -> tuple[torch.Tensor, dict]:
     """Variant beyond the paper: the reward on the final decoded image, gradient through the last K steps."""
-    cfg, family = tr.cfg, tr.family
-    n = len(tr.schedule)
+    cfg, family = tr.cfg, tr.adapter
+    n = len(tr.steps)
     k_grad = n if cfg.objective.grad_steps is None else cfg.objective.grad_steps
     if k_grad > n:
         raise ValueError(
@@ -121,7 +121,7 @@ def _final_reward_loss(tr: Trainer, batch) -> tuple[torch.Tensor, dict]:
     prompts, guidance = list(batch["prompt"]), cfg.sampling.guidance
     cond = family.encode_prompts(prompts, uncond=guidance != 1.0)
     x = per_sample_noise(family.latent_shape(1)[1:], _seeds(tr, NOISE, batch), family.device)
-    trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.schedule, guidance, cfg.objective.mode, tr.keysteps)
+    trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.steps, guidance, cfg.objective.mode, tr.keysteps)
     images = family.decode(trajectory.final_with_grad(x, k_grad))
     total, terms = tr.rewards(images, prompts)
     metrics = {"reward": total.mean().detach(), "grad_steps": float(k_grad)}
@@ -152,14 +152,14 @@ def _noised_at_step(family, steps, latents: torch.Tensor, noise: torch.Tensor, i
 def where_mode_predicts(tr: Trainer, latents, noise, progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pref_where mode: per row, the hypernet input of the prediction in force at that row's noise level (the last
     prediction step at or before its progress): x, model time and progress there."""
-    steps = tr.schedule
+    steps = tr.steps
     opens = prediction_steps(steps, tr.cfg.objective.mode, tr.keysteps)
     chosen = []
     for p in progress.tolist():
         before = [i for i in opens if steps.progress[i] <= p + 1e-6]
         chosen.append(before[-1] if before else opens[0])
     x = torch.stack(
-        [_noised_at_step(tr.family, steps, latents[r : r + 1], noise[r : r + 1], i)[0] for r, i in enumerate(chosen)]
+        [_noised_at_step(tr.adapter, steps, latents[r : r + 1], noise[r : r + 1], i)[0] for r, i in enumerate(chosen)]
     )
     t = torch.tensor([float(steps.t[i]) for i in chosen], device=latents.device)
     p_in = torch.tensor([float(steps.progress[i]) for i in chosen], device=latents.device)
@@ -174,7 +174,7 @@ def dropped_prompts(cfg, indices: list[int]) -> list[bool]:
 
 
 def preference_loss(tr: Trainer, batch) -> torch.Tensor:
-    family, prompts, o = tr.family, list(batch["prompt"]), tr.cfg.objective
+    family, prompts, o = tr.adapter, list(batch["prompt"]), tr.cfg.objective
     if "latents" in batch:
         latents = batch["latents"].to(family.device, torch.float32)
     else:

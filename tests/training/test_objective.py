@@ -17,21 +17,21 @@ def _cfg(tiny_sd15, prefs, tmp_path, *extra):
 
 def test_only_hypernet_gets_gradients_and_the_base_is_unchanged(tiny_sd15, prefs, tmp_path, fresh_accelerate):
     tr = build_trainer(_cfg(tiny_sd15, prefs, tmp_path))
-    frozen = {f"{i}.{k}": v.clone() for i, m in enumerate(tr.family.frozen()) for k, v in m.state_dict().items()}
+    frozen = {f"{i}.{k}": v.clone() for i, m in enumerate(tr.adapter.frozen()) for k, v in m.state_dict().items()}
     initial = copy.deepcopy(tr.predictor.hypernet.state_dict())
     # as train_step does: each term is back-propagated while its own LoRA is bound (checkpoint recomputation)
     reward_loss(tr, next(tr.prompts), 0)[0].backward()
-    tr.family.state.clear()
+    tr.adapter.state.clear()
     preference_loss(tr, next(tr.preferences)).backward()
-    tr.family.state.clear()
+    tr.adapter.state.clear()
     trainable = list(tr.predictor.hypernet.parameters())
     assert trainable and all(p.requires_grad and p.grad is not None for p in trainable)
     assert any(p.grad.abs().sum() > 0 for p in trainable)
-    for module in tr.family.frozen() + list(tr.rewards.models):
+    for module in tr.adapter.frozen() + list(tr.rewards.models):
         assert all(not p.requires_grad and p.grad is None for p in module.parameters())
     tr.optimizer.zero_grad(set_to_none=True)
     train_step(tr)
-    after = {f"{i}.{k}": v for i, m in enumerate(tr.family.frozen()) for k, v in m.state_dict().items()}
+    after = {f"{i}.{k}": v for i, m in enumerate(tr.adapter.frozen()) for k, v in m.state_dict().items()}
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     changed = [k for k, v in tr.predictor.hypernet.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed, "the hypernet did not train"
@@ -78,7 +78,7 @@ def test_reward_loss_falls_on_a_toy_reward(tiny_sd15, prefs, tmp_path, fresh_acc
     def loss_on_held_out():
         with torch.no_grad():
             losses = [reward_loss(tr, held_out, step)[0].item() for step in range(2)]
-        tr.family.state.clear()
+        tr.adapter.state.clear()
         return sum(losses) / len(losses)
 
     curve = [loss_on_held_out()]
@@ -99,7 +99,7 @@ def test_preference_loss_pulls_the_prediction_toward_the_data(tiny_sd15, prefs, 
     def held_out():
         with torch.no_grad():
             value = preference_loss(tr, batch).item()
-        tr.family.state.clear()
+        tr.adapter.state.clear()
         return value
 
     before = held_out()
@@ -147,7 +147,7 @@ def test_modes_use_the_intended_lora_at_each_step(mode, tiny_sd15, prefs, tmp_pa
     torch.manual_seed(1)
     for head in net.heads.values():  # make the LoRAs non-zero so they can be told apart
         torch.nn.init.normal_(head.up_coef.weight, std=0.5)
-    spy, family = Spy(net), tr.family
+    spy, family = Spy(net), tr.adapter
     bound = []
     original_bind = family.bind
     family.bind = lambda factors, rows, samples: (
@@ -172,5 +172,5 @@ def test_modes_use_the_intended_lora_at_each_step(mode, tiny_sd15, prefs, tmp_pa
     # and the trainer's reward step trains that prediction
     for step in range(2):
         _, metrics = reward_loss(tr, next(tr.prompts), step)
-        tr.family.state.clear()
+        tr.adapter.state.clear()
         assert metrics["lora_step"] == expect(int(metrics["k"]))

@@ -28,7 +28,7 @@ def _trainer(tiny_sd15, prefs, tmp_path, mode, extra):
 def _plain_final_loss(tr, batch, grad_steps):
     """The same objective written out directly: no checkpointing, the mode's prediction steps by hand (S every
     step, I step 0, P keysteps 0 and 0.5 = steps 0 and 2), steps before n - K without gradient."""
-    family, steps, guidance = tr.family, tr.schedule, tr.cfg.sampling.guidance
+    family, steps, guidance = tr.adapter, tr.steps, tr.cfg.sampling.guidance
     prompts = list(batch["prompt"])
     b, n = len(prompts), len(steps)
     cond = family.encode_prompts(prompts, uncond=True)
@@ -58,7 +58,7 @@ def test_final_reward_gradient_equals_the_plain_computation(
     batch = next(tr.prompts)
     loss, metrics = reward_loss(tr, batch, 0)
     loss.backward()
-    assert tr.family.state.factors is None  # nothing left bound
+    assert tr.adapter.state.factors is None  # nothing left bound
     got = {name: p.grad.clone() for name, p in tr.predictor.hypernet.named_parameters()}
     assert metrics["grad_steps"] == (4 if grad_steps is None else grad_steps)
     # the reference: no checkpointing anywhere

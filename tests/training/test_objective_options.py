@@ -20,22 +20,22 @@ def _trainer(tiny_sd15, prefs, tmp_path, *extra):
 
 # The objective as it was before the options (commit bdc3ede), written out as the reference the defaults must match.
 def _reference_reward_loss(tr, batch, step):
-    cfg, family = tr.cfg, tr.family
+    cfg, family = tr.cfg, tr.adapter
     prompts, guidance = list(batch["prompt"]), cfg.sampling.guidance
     cond = family.encode_prompts(prompts, uncond=guidance != 1.0)
     x = per_sample_noise(family.latent_shape(1)[1:], objective._seeds(tr, objective.NOISE, batch), family.device)
     k = objective.sampled_step(cfg, step)
-    trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.schedule, guidance, cfg.objective.mode, tr.keysteps)
+    trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.steps, guidance, cfg.objective.mode, tr.keysteps)
     x_k, inputs = trajectory.rollout(x, k)
     factors = inputs.run(tr.hypernet)
-    t = family.timesteps(tr.schedule.t[k], len(prompts))
+    t = family.timesteps(tr.steps.t[k], len(prompts))
     pred = family.predict(x_k, t, cond, factors, guidance)
     total, _ = tr.rewards(family.decode(family.x0(x_k, pred, t)), prompts)
     return -total.mean()
 
 
 def _reference_preference_loss(tr, batch):
-    family, prompts = tr.family, list(batch["prompt"])
+    family, prompts = tr.adapter, list(batch["prompt"])
     latents = family.encode(batch["image"])
     noise = per_sample_noise(tuple(latents.shape[1:]), objective._seeds(tr, objective.PREF_NOISE, batch), family.device)
     u = per_sample_uniform(objective._seeds(tr, objective.PREF_TIME, batch), family.device)
@@ -55,11 +55,11 @@ def _reference_step(tr):  # train_step as it was, on the reference losses
             metrics = {}
             loss_r = _reference_reward_loss(tr, prompts, tr.step)
             acc.backward(loss_r)
-            tr.family.state.clear()
+            tr.adapter.state.clear()
             metrics["loss_reward"] = loss_r.detach()
             loss_g = _reference_preference_loss(tr, preferences)
             acc.backward(cfg.objective.pref_weight * loss_g)
-            tr.family.state.clear()
+            tr.adapter.state.clear()
             metrics["loss_pref"] = loss_g.detach()
             if acc.sync_gradients:
                 metrics["grad_norm"] = acc.clip_grad_norm_(tr.hypernet.parameters(), cfg.optim.grad_clip)
@@ -67,7 +67,7 @@ def _reference_step(tr):  # train_step as it was, on the reference losses
             tr.optimizer.zero_grad(set_to_none=True)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32)
-    tr.scheduler.step()
+    tr.lr_schedule.step()
     tr.step += 1
     loss = (sums["loss_reward"] + cfg.objective.pref_weight * sums["loss_pref"]) / cfg.optim.grad_accum_steps
     return {"loss": float(loss), "grad_norm": float(sums["grad_norm"])}
@@ -82,9 +82,9 @@ def test_defaults_are_the_objective_as_before(tiny_sd15, prefs, tmp_path, fresh_
     tr = _trainer(tiny_sd15, prefs, tmp_path, *extra)
     prompts, preferences = next(tr.prompts), next(tr.preferences)
     assert torch.equal(reward_loss(tr, prompts, 3)[0], _reference_reward_loss(tr, prompts, 3))
-    tr.family.state.clear()
+    tr.adapter.state.clear()
     assert torch.equal(preference_loss(tr, preferences), _reference_preference_loss(tr, preferences))
-    tr.family.state.clear()
+    tr.adapter.state.clear()
     states, logged = [], []
     for step in (train_step, _reference_step):
         tr = _trainer(tiny_sd15, prefs, tmp_path, *extra, "optim.grad_accum_steps=2", "sampling.num_steps=2")
@@ -125,11 +125,11 @@ def test_gradient_norms_are_logged_per_term_and_pref_share_sets_lambda(tiny_sd15
     tr2 = _trainer(tiny_sd15, prefs, tmp_path, "objective.pref_share=0.25", "optim.grad_clip=0.0")
     params = list(tr2.hypernet.parameters())
     reward_loss(tr2, next(tr2.prompts), 0)[0].backward()
-    tr2.family.state.clear()
+    tr2.adapter.state.clear()
     g_r = [p.grad.clone() for p in params]
     tr2.optimizer.zero_grad(set_to_none=True)
     preference_loss(tr2, next(tr2.preferences)).backward()
-    tr2.family.state.clear()
+    tr2.adapter.state.clear()
     g_g = [p.grad.clone() for p in params]
     norm = lambda gs: torch.linalg.vector_norm(torch.stack([g.norm() for g in gs])).item()  # noqa: E731
     assert metrics["grad_norm/reward"] == pytest.approx(norm(g_r), rel=1e-5)
@@ -148,11 +148,11 @@ def test_pref_drop_prompt_drops_a_seeded_share_of_rows(tiny_sd15, prefs, tmp_pat
     # the denoiser gets "" on dropped rows; the hypernet still sees the real prompt
     batch = next(tr.preferences)
     seen = []
-    encode = tr.family.encode_prompts
-    tr.family.encode_prompts = lambda prompts, uncond=True: (seen.append(list(prompts)), encode(prompts, uncond))[1]
+    encode = tr.adapter.encode_prompts
+    tr.adapter.encode_prompts = lambda prompts, uncond=True: (seen.append(list(prompts)), encode(prompts, uncond))[1]
     tr.cfg.objective.pref_drop_prompt = 1.0
     preference_loss(tr, batch)
-    tr.family.state.clear()
+    tr.adapter.state.clear()
     assert seen == [list(batch["prompt"]), [""] * len(batch["prompt"])]
 
 
@@ -180,24 +180,24 @@ def test_pref_where_mode_predicts_where_the_mode_does(mode, tiny_sd15, prefs, tm
     tr.hypernet = spy
     batch = next(tr.preferences)
     preference_loss(tr, batch)
-    tr.family.state.clear()
-    latents = tr.family.encode(batch["image"])
+    tr.adapter.state.clear()
+    latents = tr.adapter.encode(batch["image"])
     u = per_sample_uniform(objective._seeds(tr, objective.PREF_TIME, batch), "cpu")
-    _, _, progress, _ = tr.family.noise_for_preference(latents, torch.zeros_like(latents), u)
-    steps = tr.schedule.progress  # 0, .25, .5005, .75
+    _, _, progress, _ = tr.adapter.noise_for_preference(latents, torch.zeros_like(latents), u)
+    steps = tr.steps.progress  # 0, .25, .5005, .75
     if mode == "I":
         expected = [0.0] * len(progress)  # from x_T, at progress 0
     else:
         expected = [steps[2] if p >= steps[2] else 0.0 for p in progress.tolist()]
     assert spy.seen == [pytest.approx(expected)]
-    assert objective.prediction_steps(tr.schedule, mode, tr.keysteps) == ([0] if mode == "I" else [0, 2])
+    assert objective.prediction_steps(tr.steps, mode, tr.keysteps) == ([0] if mode == "I" else [0, 2])
 
 
 def test_pref_where_mode_for_i_feeds_pure_noise(tiny_sd15, prefs, tmp_path, fresh_accelerate):
     tr = _trainer(tiny_sd15, prefs, tmp_path, "objective.mode='I'", "objective.pref_where='mode'")
     latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     x, t, p = objective.where_mode_predicts(tr, latents, noise, torch.tensor([0.3, 0.9]))
-    assert torch.equal(x, noise) and t.tolist() == [tr.schedule.t[0]] * 2 and p.tolist() == [0.0, 0.0]
+    assert torch.equal(x, noise) and t.tolist() == [tr.steps.t[0]] * 2 and p.tolist() == [0.0, 0.0]
 
 
 def test_step_per_sample_draws_k_per_row_and_matches_each_rows_own_loss(tiny_sd15, prefs, tmp_path, fresh_accelerate):
@@ -214,7 +214,7 @@ def test_step_per_sample_draws_k_per_row_and_matches_each_rows_own_loss(tiny_sd1
         row = {key: value[r : r + 1] if torch.is_tensor(value) else value[r : r + 1] for key, value in batch.items()}
         with torch.no_grad():
             expected += objective._x0_reward_loss(tr, row, k)[0].item() / len(ks)
-        tr.family.state.clear()
+        tr.adapter.state.clear()
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert metrics["k"].item() == pytest.approx(sum(ks) / len(ks))
     loss.backward()  # each group's LoRA is bound again when its call is recomputed
@@ -270,7 +270,7 @@ def test_all_options_together_train(tiny_sd15, prefs, tmp_path, fresh_accelerate
     before = _state(tr)
     metrics = train_step(tr)
     assert metrics["grad_steps"] == 2 and metrics["pref_lambda"] > 0 and metrics["grad_norm/pref"] > 0
-    assert tr.family.state.factors is None
+    assert tr.adapter.state.factors is None
     assert any(not torch.equal(before[k], v) for k, v in _state(tr).items())
 
 
@@ -284,7 +284,7 @@ def test_pref_where_mode_on_flux_noises_to_the_keystep_sigma(tiny_flux, prefs, t
         extra=["objective.mode='P'", "objective.keysteps=[0.0, 0.5]", "objective.pref_where='mode'"],
     )
     tr = build_trainer(cfg)
-    steps = tr.schedule
+    steps = tr.steps
     opens = objective.prediction_steps(steps, "P", tr.keysteps)
     assert opens[0] == 0 and len(opens) == 2
     j = opens[1]
@@ -297,4 +297,4 @@ def test_pref_where_mode_on_flux_noises_to_the_keystep_sigma(tiny_flux, prefs, t
         [0.0, steps.progress[j]]
     )
     metrics = train_step(tr)
-    assert metrics["loss_pref"] > 0 and tr.family.state.factors is None
+    assert metrics["loss_pref"] > 0 and tr.adapter.state.factors is None
