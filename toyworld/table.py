@@ -21,6 +21,9 @@ and seconds per image on this machine; each with its difference from base paired
 standard error over prompts. A row whose training reward rises while a truth column falls (each by
 more than 2 standard errors) is flagged as reward hacking. The Markdown goes to --out, the numbers
 next to it as JSON; trained predictors stay in --work.
+
+One file over 300 lines on purpose: the variants, how each is trained and evaluated, and the report are one
+protocol that a reader checks end to end (and a test pins against toy.yaml).
 """
 
 from __future__ import annotations

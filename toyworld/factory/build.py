@@ -16,6 +16,8 @@ Two processes of one thread each use two cores without the thread-synchronisatio
 two-thread torch suffers on a busy machine. ``--device cuda`` runs the training stages on a GPU (the same
 config; results then match a CPU build only statistically). ``--quick`` runs a few steps of everything,
 for smoke tests; its assets are useless. toyworld/README.md lists sizes, times and scores.
+
+One file over 300 lines on purpose: the stage order, the build config and the report are read together.
 """
 
 from __future__ import annotations
