@@ -59,6 +59,7 @@ class BuildConfig:
     unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 2e-3
+    unet_offset_noise: float = 0.0  # the shipped world: 0; 0.1 is the fix to try (see diffusion.train_unet)
     tune_passes: int = 1  # samples of every scene the rewards go on training with
     tune_guidances: tuple = (1.5, 3.0, 5.0, 7.5)
     tune_steps: int = 400
@@ -207,6 +208,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         unet = train_unet(
             latent_mean, latent_std, contexts, context_of_row, empty, scaling, cfg.unet_steps, cfg.unet_batch,
             cfg.seed + 6, cfg.threads, logger.info, lr=cfg.unet_lr, device=cfg.device,
+            offset_noise=cfg.unet_offset_noise,
         )  # fmt: skip
     publish.save_model(out, vae, clip.text, unet)
     pipe = publish.load_pipe(out).to(cfg.device)
