@@ -42,12 +42,6 @@ def test_prompt_sets_are_seeded_samples_of_their_files():
     assert not set(held_out) & set(toy.load_prompts("train")) and set(trained) <= set(toy.load_prompts("train"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/toy-results.md was made on the toy world before its rebuild (8x8 latents, no ground truth) and has "
-    "not been remade yet: run python -m toyworld.table, then remove this mark (strict: it fails once the table "
-    "matches)",
-)
 def test_the_docs_table_records_the_protocol_that_ships():
     """docs/toy-results.md is made by the table from what ships: when training/configs/toy.yaml changes, the table
     must be made again (python -m toyworld.table), or this fails."""
