@@ -25,6 +25,7 @@ import torch
 
 from training import comfy_host
 
+from . import truth
 from .comfy_model import comfy_model_from_diffusers
 
 CONFIG = "training/configs/toy.yaml"
@@ -244,9 +245,7 @@ def verdicts(results_json: str) -> str:
             continue
         delta = row["vs_base"]
         parts = [f"{n} {delta[n]['mean']:+.3f} ± {delta[n]['se']:.3f}" for n in delta]
-        rewards_up = any(delta[n]["mean"] > 2 * delta[n]["se"] for n in delta if not n.startswith("toy_t"))
-        truth_down = any(delta[n]["mean"] < -2 * delta[n]["se"] for n in ("toy_truth", "toy_taste") if n in delta)
-        hacked = rewards_up and truth_down
+        hacked = truth.reward_hacking(delta, [n for n in delta if n not in truth.TRUTH_COLUMNS])
         flag = "  <- REWARD HACKING: a learned reward rises while ground truth falls" if hacked else ""
         lines.append(f"  HyperAlign {mode}: " + ", ".join(parts) + flag)
     return "\n".join(lines)

@@ -43,7 +43,7 @@ import torch
 from hyperalign.atomic import atomic_path, write_json, write_text
 from training import evaluate, keysteps, train
 
-from . import ASSETS
+from . import ASSETS, truth
 
 CONFIG = "training/configs/toy.yaml"
 BEST_OF = 20
@@ -299,17 +299,9 @@ def _cell(row: dict, name: str, is_base: bool) -> str:
     return f"{mean} ({delta['mean']:+.2f} ± {delta['se']:.2f})"
 
 
-TRUTH = ("toy_truth", "toy_taste")
-
-
 def hacking(row: dict) -> bool:
     """The training reward rises while a ground-truth column falls, each by more than 2 standard errors."""
-    delta = row["vs_base"]
-
-    def moved(name: str, sign: int) -> bool:
-        return name in delta and sign * delta[name]["mean"] > 2 * delta[name]["se"]
-
-    return moved("reward", +1) and any(moved(name, -1) for name in TRUTH)
+    return truth.reward_hacking(row["vs_base"], ("reward",))
 
 
 def _table(results: dict) -> list[str]:

@@ -116,32 +116,16 @@ def _gaussian(images: torch.Tensor, sigma: float) -> torch.Tensor:
 LAYOUTS = [(shape, size, count) for shape in world.SHAPES for size in world.SIZES for count in world.COUNTS]
 
 
-def _centres(position: str, size: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The renderer's shape centres for an undrifted group, and where canvas clipping moves them."""
-    ax, ay = world._ANCHORS[position]
-    steps = (np.arange(count) - (count - 1) / 2) * world._SPACING[size]
-    if position in world._COLUMN:
-        centres = np.stack([np.full_like(steps, ax), ay + steps], 1)
-    else:
-        centres = np.stack([ax + steps, np.full_like(steps, ay)], 1)
-    radius = world._RADIUS[size]
-    low = radius + 0.5 - centres.min(0)
-    high = world.IMAGE_SIZE - radius - 0.5 - centres.max(0)
-    return centres, np.clip(np.zeros(2), low, np.maximum(low, high))
+def _rest(position: str, size: str, count: int) -> np.ndarray:
+    """Where canvas clipping puts an undrifted group: drift is measured from there."""
+    _, low, high = world.group_layout(position, size, count)
+    return np.clip(np.zeros(2), low, high)
 
 
 def _cover(shape: str, position: str, size: str, count: int, move: np.ndarray) -> np.ndarray:
     """The renderer's (32, 32) coverage map of a group whose centres are moved by `move`."""
-    ss = world._SUPERSAMPLE
-    n = world.IMAGE_SIZE * ss
-    coords = (np.arange(n) + 0.5) / ss
-    x, y = np.meshgrid(coords, coords)
-    centres, _ = _centres(position, size, count)
-    hit = np.zeros((n, n), dtype=bool)
-    for cx, cy in centres + move:
-        hit |= world._mask(shape, x, y, cx, cy, world._RADIUS[size])
-    side = world.IMAGE_SIZE
-    return hit.reshape(side, ss, side, ss).mean(axis=(1, 3))
+    centres, _, _ = world.group_layout(position, size, count)
+    return world.coverage(shape, size, centres + move)
 
 
 def _centroid(mask: torch.Tensor) -> torch.Tensor:
@@ -169,7 +153,7 @@ def _match_layout(alpha: torch.Tensor, position: str, centroid: np.ndarray):
     err = (blurred - alpha).pow(2).sum((-1, -2))
     best = int(err.argmin()) % len(LAYOUTS)
     shape, size, count = LAYOUTS[best]
-    _, rest = _centres(position, size, count)
+    rest = _rest(position, size, count)
     fine = torch.stack([_gaussian(covers[best : best + 1], float(s))[0, 0] for s in _FINE_SIGMAS])
     sigma = float(_FINE_SIGMAS[int((fine - alpha).pow(2).sum((-1, -2)).argmin())])
     return (shape, size, count), sigma, float(np.linalg.norm(move - rest))
@@ -291,6 +275,21 @@ def validate(count: int = 400, seed: int = 0) -> dict:
                 _spearman(reading.taste(), np.array([world.taste(s) for s in styles])), 4
             )
     return result
+
+
+# --- reading a comparison ---------------------------------------------------------------------
+
+TRUTH_COLUMNS = ("toy_truth", "toy_taste")  # the metric names below, as evaluation reports them
+
+
+def reward_hacking(vs_base: dict, rewards) -> bool:
+    """Whether, in paired differences from base ({name: {"mean", "se"}}), one of the learned `rewards` rises while
+    a ground-truth column falls, each by more than 2 standard errors."""
+
+    def moved(name: str, sign: int) -> bool:
+        return name in vs_base and sign * vs_base[name]["mean"] > 2 * vs_base[name]["se"]
+
+    return any(moved(name, +1) for name in rewards) and any(moved(name, -1) for name in TRUTH_COLUMNS)
 
 
 # --- as evaluation metrics -------------------------------------------------------------------

@@ -189,20 +189,38 @@ def perturb(spec: SceneSpec, attribute: str, rng: np.random.Generator) -> SceneS
 # --- rendering -------------------------------------------------------------------------------
 
 
-def _centres(spec: SceneSpec, style: Style, rng: np.random.Generator) -> np.ndarray:
-    ax, ay = _ANCHORS[spec.position]
-    steps = (np.arange(spec.count) - (spec.count - 1) / 2) * _SPACING[spec.size]
+def group_layout(position: str, size: str, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An undrifted group's shape centres (count, 2) in pixels, and the (low, high) range a drift is clipped to so
+    that the whole group stays on the canvas. The renderer and the ground-truth checker share this geometry."""
+    ax, ay = _ANCHORS[position]
+    steps = (np.arange(count) - (count - 1) / 2) * _SPACING[size]
     centres = (
         np.stack([np.full_like(steps, ax), ay + steps], 1)
-        if spec.position in _COLUMN
+        if position in _COLUMN
         else np.stack([ax + steps, np.full_like(steps, ay)], 1)
     )
+    radius = _RADIUS[size]
+    low = radius + 0.5 - centres.min(0)
+    high = IMAGE_SIZE - radius - 0.5 - centres.max(0)
+    return centres, low, np.maximum(low, high)
+
+
+def _centres(spec: SceneSpec, style: Style, rng: np.random.Generator) -> np.ndarray:
+    centres, low, high = group_layout(spec.position, spec.size, spec.count)
     angle = rng.random() * 2 * np.pi
     shift = style.offset * _MAX_OFFSET * np.array([np.cos(angle), np.sin(angle)])
-    radius = _RADIUS[spec.size]
-    low = radius + 0.5 - centres.min(0)  # keep the whole group on the canvas
-    high = IMAGE_SIZE - radius - 0.5 - centres.max(0)
-    return centres + np.clip(shift, low, np.maximum(low, high))
+    return centres + np.clip(shift, low, high)
+
+
+def coverage(shape: str, size: str, centres: np.ndarray) -> np.ndarray:
+    """(32, 32) share of each pixel the shapes cover, from 4x4 supersampling (anti-aliased edges)."""
+    n = IMAGE_SIZE * _SUPERSAMPLE
+    coords = (np.arange(n) + 0.5) / _SUPERSAMPLE
+    x, y = np.meshgrid(coords, coords)
+    hit = np.zeros((n, n), dtype=bool)
+    for cx, cy in centres:
+        hit |= _mask(shape, x, y, cx, cy, _RADIUS[size])
+    return hit.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def _mask(kind: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
@@ -241,13 +259,7 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 def render(spec: SceneSpec, style: Style = Style(), seed: int = 0) -> np.ndarray:
     """The scene as a (32, 32, 3) uint8 image; `seed` picks the drift direction and the grain."""
     rng = np.random.default_rng(seed)
-    n = IMAGE_SIZE * _SUPERSAMPLE
-    coords = (np.arange(n) + 0.5) / _SUPERSAMPLE
-    x, y = np.meshgrid(coords, coords)
-    hit = np.zeros((n, n), dtype=bool)
-    for cx, cy in _centres(spec, style, rng):
-        hit |= _mask(spec.shape, x, y, cx, cy, _RADIUS[spec.size])
-    cover = hit.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
+    cover = coverage(spec.shape, spec.size, _centres(spec, style, rng))[..., None]
     image = cover * _muted(RGB[spec.colour], style.vivid) + (1 - cover) * _muted(RGB[spec.background], style.vivid)
     image = _gaussian_blur(image, style.blur * _MAX_BLUR)
     image = image + rng.normal(0.0, 1.0, image.shape) * style.noise * _MAX_NOISE
