@@ -25,6 +25,7 @@ from torch import nn
 from . import AESTHETIC_FILE, BUILD_HINT, CLIP_FILE
 
 META_KEY = "hyperalign_toy"
+CLIP_SCALE = 10.0  # toy_clip's default score scale (option `scale`)
 
 
 def save_reward(path: Path, module: nn.Module, meta: dict) -> None:
@@ -103,7 +104,7 @@ def build_clip(meta: dict):
 def load_toy_clip(spec, device="cpu", dtype=torch.float32) -> nn.Module:
     from .vocab import WordTokenizer
 
-    options = _options(spec, {"scale": 10.0})
+    options = _options(spec, {"scale": CLIP_SCALE})
     meta, tensors = _read(spec, CLIP_FILE, "toy_clip")
     clip = build_clip(meta)
     clip.load_state_dict(tensors, strict=True)

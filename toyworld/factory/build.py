@@ -173,7 +173,14 @@ def _vae_and_rewards(cfg: BuildConfig, pool: RenderPool, train_rows: np.ndarray,
 
 
 def build(out: Path, cfg: BuildConfig) -> dict:
-    from ..rewards import ToyAestheticReward, ToyClipReward, load_toy_aesthetic, load_toy_clip, save_reward
+    from ..rewards import (
+        CLIP_SCALE,
+        ToyAestheticReward,
+        ToyClipReward,
+        load_toy_aesthetic,
+        load_toy_clip,
+        save_reward,
+    )
     from ..vocab import WordTokenizer
     from .base_report import evaluate_base
     from .codec import decode, encode, scaling_factor
@@ -222,7 +229,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     with timer("grounding"):
         report["rewards_vs_truth"] = {
             "renders_only": agreement(
-                ToyClipReward(clip, tokenizer, 10.0), ToyAestheticReward(aesthetic), heldout_samples,
+                ToyClipReward(clip, tokenizer, CLIP_SCALE), ToyAestheticReward(aesthetic), heldout_samples,
                 prompt_sets["heldout"], workers,
             )
         }  # fmt: skip

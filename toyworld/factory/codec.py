@@ -44,7 +44,7 @@ def train_vae(
     """
     from diffusers import AutoencoderKL
 
-    generator = deterministic(seed, threads)
+    generator = deterministic(seed, threads, device)
     vae = AutoencoderKL(**vae_config()).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     progress = Progress("vae", steps, max(1, steps // 10), log)

@@ -54,7 +54,7 @@ def train_unet(
     (their correlation with the sampled background's red is 0.87), not from the prompt."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    generator = deterministic(seed, threads)
+    generator = deterministic(seed, threads, device)
     scheduler = DDPMScheduler(**scheduler_config())
     alphas_cumprod = scheduler.alphas_cumprod.float()
     unet = UNet2DConditionModel(**unet_config()).to(device)

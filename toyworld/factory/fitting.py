@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 
-def deterministic(seed: int, threads: int) -> torch.Generator:
+def deterministic(seed: int, threads: int, device: str = "cpu") -> torch.Generator:
     """Seed torch, pin the thread count (CPU reductions split work by thread) and return a (CPU) generator.
 
     On CUDA some backward kernels (nearest upsampling) have no deterministic version: a GPU build is
-    reproducible only up to those, so they warn instead of failing there."""
+    reproducible only up to those, so they warn instead of failing there; a CPU build stays strict."""
     import os
 
     torch.set_num_threads(threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
+    torch.use_deterministic_algorithms(True, warn_only=str(device) != "cpu")
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 

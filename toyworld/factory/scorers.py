@@ -93,7 +93,7 @@ def train_clip(
 ) -> ToyClip:
     """`token_ids` (len(pool.specs), 77): the prompt of each scene of the pool. With `init`, training goes on
     from that model; with `generated`, every step also sees the generator's own samples (see Generated)."""
-    generator = deterministic(seed, threads)
+    generator = deterministic(seed, threads, device)
     rng = np.random.default_rng(seed)
     clip = (init if init is not None else ToyClip(text_config)).train().requires_grad_(True).to(device)
     token_ids = token_ids.to(device)
@@ -163,7 +163,7 @@ def train_aesthetic(
     init: ToyAesthetic | None = None,
     generated: Generated | None = None,
 ):
-    generator = deterministic(seed, threads)
+    generator = deterministic(seed, threads, device)
     rng = np.random.default_rng(seed)
     model = (init if init is not None else ToyAesthetic()).train().requires_grad_(True).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
