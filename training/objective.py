@@ -122,7 +122,7 @@ def _final_reward_loss(tr: Trainer, batch) -> tuple[torch.Tensor, dict]:
     cond = family.encode_prompts(prompts, uncond=guidance != 1.0)
     x = per_sample_noise(family.latent_shape(1)[1:], _seeds(tr, NOISE, batch), family.device)
     trajectory = Trajectory(family, tr.hypernet, tr.hcfg, cond, tr.steps, guidance, cfg.objective.mode, tr.keysteps)
-    images = family.decode(trajectory.final_with_grad(x, k_grad))
+    images = family.decode(trajectory.final_with_grad(x, k_grad, cfg.model.gradient_checkpointing))
     total, terms = tr.rewards(images, prompts)
     metrics = {"reward": total.mean().detach(), "grad_steps": float(k_grad)}
     metrics.update({f"reward/{name}": score.mean().detach() for name, score in terms.items()})

@@ -9,27 +9,63 @@ import toyworld as toy
 
 
 def test_table_trains_every_variant_and_scores_both_prompt_sets(tmp_path):
+    """Sweeps on training prompts, the static LoRA's lr picked there, 2 training seeds pooled on held-out prompts;
+    and a second run reuses every trained run and scored row."""
     from toyworld import table
 
     out = tmp_path / "results.md"
-    argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--prompts", "2", "--best-of", "2"]
-    argv += ["--threads", str(torch.get_num_threads())]  # leave the session's thread count as it was
-    assert table.main([*argv, "optim.max_steps=2", "optim.batch_size=2", "run.progress=False"]) == 0
+    argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--prompts", "2", "--best-of", "2", "--seeds", "2"]
+    argv += ["--static-lrs", "1e-4,1e-2", "--hyper-lrs", "1e-3"]
+    argv += ["optim.max_steps=2", "optim.batch_size=2", "run.progress=False", "eval.seeds=[0, 1]"]
+    argv += ["objective.grad_steps=2"]  # a short trajectory gradient keeps the test fast
+    threads = torch.get_num_threads()
+    try:
+        assert table.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # leave the session's thread count as it was
     numbers = json.loads((tmp_path / "results.json").read_text())
-    assert list(numbers["results"]) == list(table.SPLITS)
-    expected = ["base", "Best-of-2 (selects by the training reward)", *(v.name for v in table.TRAINED)]
-    for split, rows in numbers["results"].items():
-        assert list(rows) == expected, split
+    held_out, training = (numbers["results"][split] for split in table.SPLITS)
+    best = "Best-of-2 (selects by the training reward)"
+    assert list(held_out) == ["base", best, *(v.name for v in table.TRAINED)]
+    sweeps = ["static LoRA, lr 0.0001", "static LoRA, lr 0.01", "HyperAlign S, lr 0.001"]
+    assert list(training) == ["base", best, *sweeps, *(v.name for v in table.TRAINED if not v.static)]
+    assert held_out["static LoRA"]["lr"] in (1e-4, 1e-2) and held_out["static LoRA"]["training_seeds"] == 2
+    for name in ("HyperAlign S", "HyperAlign I", "static LoRA"):
+        assert len(held_out[name]["truth_by_seed"]) == 2 and held_out[name]["training_seeds"] == 2
+    assert training["HyperAlign S"]["training_seeds"] == 1 and "truth_by_seed" not in training["HyperAlign S"]
+    for rows in (held_out, training):
         assert rows["HyperAlign S"]["hypernet_calls_per_image"] == 10
         assert rows["HyperAlign I"]["hypernet_calls_per_image"] == 1
-        assert rows["static LoRA"]["relative_delta_norm"] > 0 and "relative_delta_norm" not in rows["base"]
+        assert rows["HyperAlign S"]["relative_delta_norm"] > 0 and "relative_delta_norm" not in rows["base"]
         assert {"toy_truth", "toy_taste", "toy_clip", "toy_aesthetic", "reward"} <= set(rows["base"]["metrics"])
         assert rows["base"]["vs_base"]["reward"] == {"mean": 0.0, "se": 0.0}  # paired with itself
         mean_gap = rows["HyperAlign I"]["metrics"]["reward"]["mean"] - rows["base"]["metrics"]["reward"]["mean"]
         assert rows["HyperAlign I"]["vs_base"]["reward"]["mean"] == pytest.approx(mean_gap, abs=1e-5)
     text = out.read_text()
     assert all(f"### {split[0].upper()}{split[1:]}" in text for split in table.SPLITS)
+    assert "Issue 14's targets" in text and "static LoRA (lr" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "work"]  # nothing half-written
+    assert (
+        numbers["protocol"]["objective"]["reward_on"]
+        == table.train.parse(["--config", table.CONFIG])[0].objective.reward_on
+    )
+
+    # a second run trains and scores nothing again, and writes the same numbers
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.json")}
+    assert table.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.json")} == stamp
+    again = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert again == numbers["results"]
+
+
+def test_merged_seeds_pool_each_prompts_images():
+    from toyworld.table import merge_seeds
+
+    one = [{"scores": {"toy_truth": [1.0, 0.0]}, "diversity": 0.2, "seconds": 1.0, "calls": 10}]
+    two = [{"scores": {"toy_truth": [0.5, 0.5]}, "diversity": 0.4, "seconds": 3.0, "calls": 10}]
+    (merged,) = merge_seeds([one, two])
+    assert merged["scores"]["toy_truth"] == [1.0, 0.0, 0.5, 0.5]
+    assert merged["diversity"] == pytest.approx(0.3) and merged["seconds"] == 2.0
 
 
 def test_prompt_sets_are_seeded_samples_of_their_files():

@@ -1,5 +1,6 @@
 """objective.reward_on='final' (a variant beyond the paper): the reward on the final image, gradient through the last
-K sampling steps, each model call checkpointed. Its gradient must equal a plain, uncheckpointed computation."""
+K sampling steps, each model call checkpointed (or not, with model.gradient_checkpointing off). Its gradient must
+equal a plain, uncheckpointed computation."""
 
 import pytest
 import torch
@@ -48,13 +49,21 @@ def _plain_final_loss(tr, batch, grad_steps):
     return -total.mean()
 
 
-@pytest.mark.parametrize("mode, grad_steps", [("S", None), ("I", None), ("I", 2), ("P", 3)])
+@pytest.mark.parametrize(
+    "mode, grad_steps, checkpointing",
+    [("S", None, True), ("I", None, True), ("I", 2, True), ("P", 3, True), ("S", None, False)],
+)
 def test_final_reward_gradient_equals_the_plain_computation(
-    mode, grad_steps, tiny_sd15, prefs, tmp_path, fresh_accelerate
+    mode, grad_steps, checkpointing, tiny_sd15, prefs, tmp_path, fresh_accelerate
 ):
     k = "None" if grad_steps is None else str(grad_steps)
-    # the trainer: block checkpointing on (tiny_config's default) and each model call checkpointed
-    tr = _trainer(tiny_sd15, prefs, tmp_path, mode, ["objective.reward_on='final'", f"objective.grad_steps={k}"])
+    # the trainer: block checkpointing on (tiny_config's default) and each model call checkpointed; or neither
+    extra = [
+        "objective.reward_on='final'",
+        f"objective.grad_steps={k}",
+        f"model.gradient_checkpointing={checkpointing}",
+    ]
+    tr = _trainer(tiny_sd15, prefs, tmp_path, mode, extra)
     batch = next(tr.prompts)
     loss, metrics = reward_loss(tr, batch, 0)
     loss.backward()
