@@ -148,9 +148,9 @@ class Table:
         }
         for run, future in futures.items():
             spent = future.result()
-            if spent:
+            if spent is not None:
                 self.seconds[run.slug] = spent
-                print(f"   trained {run.slug} in {spent:.0f} s", flush=True)
+                print(f"   {run.slug}: trained in {spent:.0f} s", flush=True)
 
     def cell_file(self, split: str, key: str) -> str:
         return os.path.join(self.work, "scores", SPLITS[split], key + ".json")
@@ -202,12 +202,15 @@ def build_table(args, common: list[str], work: str) -> tuple[Table, dict]:
     if isinstance(pool, ProcessPoolExecutor):
         pool.shutdown()
 
-    results = {split: {} for split in SPLITS}
+    results, agreement = {split: {} for split in SPLITS}, {}
     for split in SPLITS:
         base = _cell(table, split, "base")["records"]
         results[split]["base"] = _aggregate([_cell(table, split, "base")], base)
-        for k, records in _cell(table, split, "best-of")["by_n"].items():
+        best_of = _cell(table, split, "best-of")
+        for k, records in best_of["by_n"].items():
             results[split][best_of_name(int(k))] = _aggregate([{"records": records}], base)
+        results[split][oracle_name(max(map(int, best_of["by_n"])))] = _aggregate([{"records": best_of["oracle"]}], base)
+        agreement[split] = summarise_agreement(best_of["agreement"])
     train_rows = results[TRAINING]
     for run in static_sweep + hyper_sweep:
         train_rows[sweep_name(run)] = _aggregate([_cell(table, TRAINING, run.slug)], base_of(table, TRAINING))
@@ -218,8 +221,8 @@ def build_table(args, common: list[str], work: str) -> tuple[Table, dict]:
         runs = static_runs if v.static else [Run(v, seed) for seed in table.seeds]
         results[HELD_OUT][v.name] = _aggregate([_cell(table, HELD_OUT, r.slug) for r in runs], base_of(table, HELD_OUT))
     results[HELD_OUT][STATIC.name]["lr"] = picked
-    table.seconds["all (wall)"] = time.perf_counter() - started
-    return table, results
+    table.seconds["this invocation (wall; reuses what the work folder holds)"] = time.perf_counter() - started
+    return table, results, agreement
 
 
 def _run_entry(entry, argv: list[str]) -> None:
@@ -244,6 +247,21 @@ def sweep_name(run: Run) -> str:
 
 def best_of_name(n: int) -> str:
     return f"Best-of-{n} (selects by the training reward)"
+
+
+def oracle_name(n: int) -> str:
+    return f"Best-of-{n} by ground truth (the headroom, not a method)"
+
+
+def summarise_agreement(per_prompt: list[dict]) -> dict:
+    """reward -> mean ± SE over prompts of the share of same-prompt pairs it orders as the truth does."""
+    out = {}
+    for name in per_prompt[0]:
+        shares = [p[name] for p in per_prompt if p[name] is not None]
+        mean = statistics.fmean(shares) if shares else None
+        se = statistics.stdev(shares) / len(shares) ** 0.5 if len(shares) > 1 else None
+        out[name] = {"mean": mean, "se": se, "prompts": len(shares)}
+    return out
 
 
 def pick_lr(table: Table, sweep: list[Run]) -> float:
@@ -363,12 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             f"HyperAlign: the toy world is not built in {ASSETS}. HINT: run python -m toyworld.factory.build."
         )
     started = time.perf_counter()
-    table, results = build_table(args, common, work)
+    table, results, agreement = build_table(args, common, work)
     protocol = dict(protocol_of(table.cfg, args), total_minutes=(time.perf_counter() - started) / 60)
     command = "python -m toyworld.table " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, protocol, table.seconds, command.strip())
-    write_json(os.path.splitext(args.out)[0] + ".json", {"protocol": protocol, "training_seconds": table.seconds,
-                                                          "results": results})  # fmt: skip
+    text = markdown(results, agreement, protocol, table.seconds, command.strip())
+    numbers = {"protocol": protocol, "training_seconds": table.seconds, "results": results, "agreement": agreement}
+    write_json(os.path.splitext(args.out)[0] + ".json", numbers)
     write_text(args.out, text)
     print("\n" + text)
     return 0

@@ -83,12 +83,31 @@ def targets(rows: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
-def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
-    """`results`: split heading -> variant -> row; the first split is the held-out one."""
+def _mean_se(value: dict) -> str:
+    if value["se"] is None:
+        return "n/a (too few prompts with pairs the truth tells apart)"
+    return f"{value['mean']:.3f} ± {value['se']:.3f}"
+
+
+def _agreement(shares: dict) -> str:
+    """One line: how often each reward orders two images of one prompt as the truth does."""
+    parts = [f"{name} {_mean_se(v)}" for name, v in shares.items()]
+    prompts = max(v["prompts"] for v in shares.values())
+    return (
+        f"Same-prompt agreement with toy_truth ({prompts} prompts; share of pairs of one prompt's Best-of-N "
+        f"candidates that toy_truth tells apart which the reward orders the same way; 0.5 is chance): "
+        + ", ".join(parts)
+        + "."
+    )
+
+
+def markdown(results: dict, agreement: dict, protocol: dict, seconds: dict, command: str) -> str:
+    """`results`: split heading -> variant -> row; the first split is the held-out one. `agreement`: split ->
+    reward -> same-prompt agreement with the truth."""
     held_out = next(iter(results))
     lines = []
     for split, rows in results.items():
-        lines += [f"### {split[0].upper()}{split[1:]}", "", *_table(rows), ""]
+        lines += [f"### {split[0].upper()}{split[1:]}", "", *_table(rows), "", _agreement(agreement[split]), ""]
     checks = [
         f"- {'met' if met else '**not met**'}: {what} ({numbers})" for what, met, numbers in targets(results[held_out])
     ]
@@ -103,7 +122,8 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
         [
             "# HyperAlign on the toy world: the comparison table",
             "",
-            f"Made by `{command}` (toyworld/table.py; {protocol['total_minutes']:.0f} min in all).",
+            f"Made by `{command}` (toyworld/table.py; {protocol['total_minutes']:.0f} min for this invocation, "
+            "which reuses the trained runs and scored rows its work folder holds).",
             "",
             f"Prompts: {protocol['prompts']} per set, a seeded random sample of each set "
             "(held-out: colour-shape pairs never seen in training; training: the prompts the predictor trained on), "
@@ -119,7 +139,9 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             f"({', '.join(f'{v:g}' for v in protocol['static_lrs'])}) and picked by toy_truth on training prompts; "
             f"the hypernet's sweep adds lr {', '.join(f'{v:g}' for v in protocol['hyper_lrs']) or 'nothing'}. "
             f"Best-of-N uses the first {protocol['best_of_slots']} noises of each prompt, N samples each, and "
-            "selects by the training reward it is then scored on. "
+            "selects by the training reward it is then scored on; Best-of-N by ground truth selects by toy_truth "
+            "itself among the same candidates: no method can use it, it shows how much truth the generator's own "
+            "samples hold for a reward to find. "
             "Scores are means over all images, with (in brackets) the difference from base paired by prompt ± its "
             "standard error over prompts; `toy_truth` (share of the prompt's attributes the image shows) and "
             "`toy_taste` (the hidden taste of its measured style) are ground truth read from pixels "
@@ -134,7 +156,7 @@ def markdown(results: dict, protocol: dict, seconds: dict, command: str) -> str:
             "",
             *checks,
             "",
-            "Training wall time (seconds, this machine; runs reused from an earlier table are not listed):",
+            "Training wall time of each run (seconds, this machine, as measured when it trained):",
             "",
             "| run | seconds |",
             "|---|---|",

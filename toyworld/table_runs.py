@@ -26,11 +26,18 @@ def trained_file(run_dir: str, static: bool) -> str:
     return os.path.join(run_dir, STATIC_FILE if static else PREDICTOR_FILE)
 
 
-def train_run(argv: list[str], run_dir: str, static: bool) -> float:
-    """Train one variant (argv: training.train's); its log goes to <run_dir>.log. Returns wall seconds (0 when
-    the run's file already exists)."""
+def seconds_file(run_dir: str) -> str:
+    return run_dir + ".seconds.json"
+
+
+def train_run(argv: list[str], run_dir: str, static: bool) -> float | None:
+    """Train one variant (argv: training.train's); its log goes to <run_dir>.log. Returns its training wall
+    seconds, as measured when it trained (None for a run trained before times were kept)."""
     if os.path.isfile(trained_file(run_dir, static)):
-        return 0.0
+        with contextlib.suppress(FileNotFoundError):
+            with open(seconds_file(run_dir), encoding="utf-8") as handle:
+                return json.load(handle)["seconds"]
+        return None
     from training import train
 
     torch.set_num_threads(1)
@@ -41,7 +48,9 @@ def train_run(argv: list[str], run_dir: str, static: bool) -> float:
             failed = (train_static if static else train.main)(argv)
     if failed:
         raise RuntimeError(f"HyperAlign: training {run_dir} failed; see {run_dir}.log.")
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    write_json(seconds_file(run_dir), {"seconds": seconds})
+    return seconds
 
 
 def train_static(argv: list[str]) -> int:
@@ -152,7 +161,7 @@ def score_row(argv: list[str], reference: str, row: dict, prompts: list[str], ou
     ctx = _context(argv, reference)
     try:
         if row["kind"] == "best_of":
-            result = {"by_n": _best_of(ctx, prompts, row["n"], row["slots"])}
+            result = _best_of(ctx, prompts, row["n"], row["slots"])
         else:
             result = _sampled(ctx, row, prompts)
     finally:
@@ -197,9 +206,11 @@ def _load_trained(ctx: dict, row: dict):
     return predictor.hypernet.float().eval(), row["mode"], predictor.meta.keysteps
 
 
-def _best_of(ctx: dict, prompts: list[str], n: int, slots: int) -> dict[str, list[dict]]:
+def _best_of(ctx: dict, prompts: list[str], n: int, slots: int) -> dict:
     """Best-of-k for every k in (4, n) from one set of n candidates per slot (the first `slots` noises of each
-    prompt): candidate 0 of a slot is that slot's base sample, candidates 0..k-1 are Best-of-k's."""
+    prompt): candidate 0 of a slot is that slot's base sample, candidates 0..k-1 are Best-of-k's. Also, from the
+    same candidates, Best-of-n by ground truth (the headroom: what the generator can draw for the prompt, not a
+    method) and how often each reward orders two candidates of one prompt as the truth does (`agreement`)."""
     from training.evaluate import _embed, diversity, prompt_seeds
     from training.sampling import Trajectory, per_sample_noise
 
@@ -208,6 +219,7 @@ def _best_of(ctx: dict, prompts: list[str], n: int, slots: int) -> dict[str, lis
     adapter, guidance, scorer = ctx["adapter"], ctx["guidance"], ctx["scorer"]
     counts = sorted({k for k in (4, n) if k <= n})
     out: dict[str, list[dict]] = {str(k): [] for k in counts}
+    oracle, agreement = [], []
     for index, prompt in enumerate(prompts):
         seeds = prompt_seeds(ctx["seeds"][:slots], index)
         candidates = [seed + 1000 * j for j in range(n) for seed in seeds]  # candidate-major
@@ -219,15 +231,29 @@ def _best_of(ctx: dict, prompts: list[str], n: int, slots: int) -> dict[str, lis
             images = adapter.decode(latents)
             terms = scorer(images, [prompt] * len(candidates))
         per_candidate = (time.perf_counter() - started) / len(candidates)
-        for k in counts:
-            chosen = best_of_n(terms["reward"][: k * len(seeds)].cpu(), len(seeds))
+
+        def record(chosen: torch.Tensor, k: int) -> dict:
             embedding, _ = _embed(scorer.metrics, images[chosen])
-            out[str(k)].append(
-                {
-                    "scores": {name: value[chosen].tolist() for name, value in terms.items()},
-                    "seconds": per_candidate * k,
-                    "diversity": diversity(embedding),
-                    "calls": 0,
-                }
-            )
-    return out
+            scores = {name: value[chosen].tolist() for name, value in terms.items()}
+            return {"scores": scores, "seconds": per_candidate * k, "diversity": diversity(embedding), "calls": 0}
+
+        for k in counts:
+            out[str(k)].append(record(best_of_n(terms["reward"][: k * len(seeds)].cpu(), len(seeds)), k))
+        oracle.append(record(best_of_n(terms["toy_truth"].cpu(), len(seeds)), n))
+        agreement.append({name: pair_agreement(terms[name], terms["toy_truth"]) for name in rewards_of(scorer)})
+    return {"by_n": out, "oracle": oracle, "agreement": agreement}
+
+
+def rewards_of(scorer: Scorer) -> list[str]:
+    return [*scorer.weights, "reward"]
+
+
+def pair_agreement(scores: torch.Tensor, truth: torch.Tensor) -> float | None:
+    """Share of the pairs of images (of one prompt) that the truth tells apart which `scores` order the same way
+    (a tie in `scores` counts half); None when the truth ties every pair."""
+    truth_order = torch.sign(truth[:, None] - truth[None, :])
+    told_apart = truth_order > 0  # each pair once, the truly better image first
+    if not bool(told_apart.any()):
+        return None
+    score_order = torch.sign(scores[:, None] - scores[None, :])[told_apart]
+    return float((score_order > 0).float().mean() + 0.5 * (score_order == 0).float().mean())

@@ -25,10 +25,14 @@ def test_table_trains_every_variant_and_scores_both_prompt_sets(tmp_path):
         torch.set_num_threads(threads)  # leave the session's thread count as it was
     numbers = json.loads((tmp_path / "results.json").read_text())
     held_out, training = (numbers["results"][split] for split in table.SPLITS)
-    best = "Best-of-2 (selects by the training reward)"
-    assert list(held_out) == ["base", best, *(v.name for v in table.TRAINED)]
+    best = table.best_of_name(2)
+    oracle = table.oracle_name(2)
+    assert list(held_out) == ["base", best, oracle, *(v.name for v in table.TRAINED)]
     sweeps = ["static LoRA, lr 0.0001", "static LoRA, lr 0.01", "HyperAlign S, lr 0.001"]
-    assert list(training) == ["base", best, *sweeps, *(v.name for v in table.TRAINED if not v.static)]
+    assert list(training) == ["base", best, oracle, *sweeps, *(v.name for v in table.TRAINED if not v.static)]
+    for split in table.SPLITS:  # the truth picks the best of the same candidates, so it never falls below base
+        assert numbers["results"][split][oracle]["vs_base"]["toy_truth"]["mean"] >= 0
+        assert set(numbers["agreement"][split]) == {"toy_clip", "toy_aesthetic", "reward"}
     assert held_out["static LoRA"]["lr"] in (1e-4, 1e-2) and held_out["static LoRA"]["training_seeds"] == 2
     for name in ("HyperAlign S", "HyperAlign I", "static LoRA"):
         assert len(held_out[name]["truth_by_seed"]) == 2 and held_out[name]["training_seeds"] == 2
@@ -116,3 +120,23 @@ def test_hacking_flag_needs_reward_up_and_truth_down_beyond_two_standard_errors(
     assert not hacking(row(0.5, -0.01))  # truth within noise
     assert not hacking(row(0.1, -0.05))  # reward within noise
     assert not hacking(row(-0.5, -0.05))  # reward fell too: worse, not hacking
+
+
+def test_pair_agreement_counts_only_pairs_the_truth_tells_apart():
+    import torch
+
+    from toyworld.table_runs import pair_agreement
+
+    truth = torch.tensor([1.0, 0.5, 0.5, 0.0])
+    assert pair_agreement(torch.tensor([3.0, 2.0, 1.0, 0.0]), truth) == 1.0  # the tie in truth is left out
+    assert pair_agreement(torch.tensor([0.0, 1.0, 2.0, 3.0]), truth) == 0.0
+    assert pair_agreement(torch.tensor([1.0, 1.0, 1.0, 1.0]), truth) == 0.5  # a reward that ties is chance
+    assert pair_agreement(torch.tensor([0.0, 1.0]), torch.tensor([0.7, 0.7])) is None
+
+
+def test_agreement_summary_leaves_out_prompts_without_pairs():
+    from toyworld.table import summarise_agreement
+
+    summary = summarise_agreement([{"toy_clip": 1.0}, {"toy_clip": 0.5}, {"toy_clip": None}])
+    assert summary["toy_clip"]["prompts"] == 2 and summary["toy_clip"]["mean"] == 0.75
+    assert summarise_agreement([{"toy_clip": None}])["toy_clip"] == {"mean": None, "se": None, "prompts": 0}
