@@ -32,6 +32,8 @@ numbers next to it as JSON; trained runs and scored rows stay in --work, and a r
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import platform
 import random
@@ -355,6 +357,35 @@ def protocol_of(cfg, args) -> dict:
     }
 
 
+def made_with(cfg) -> dict:
+    """What every unit kept in the work folder depends on: the resolved config (less where and how visibly runs
+    are written) and the toy world's files, by hash."""
+    config = asdict(cfg)
+    config["run"] = {k: v for k, v in config["run"].items() if k not in ("output_dir", "name", "progress")}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in ASSETS.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(ASSETS)).encode() + b"\0" + path.read_bytes())
+    return json.loads(json.dumps({"config": config, "world": digest.hexdigest()}))
+
+
+def check_work(work: str, key: dict) -> None:
+    """Refuse a work folder whose runs were made with another config or world: they would be reused as this one's."""
+    path = os.path.join(work, "made_with.json")
+    if not os.path.isfile(path):
+        os.makedirs(work, exist_ok=True)
+        write_json(path, key)
+        return
+    with open(path, encoding="utf-8") as handle:
+        kept = json.load(handle)
+    changed = [f"config.{k}" for k in key["config"] if kept["config"].get(k) != key["config"][k]]
+    changed += ["the toy world's files"] if kept["world"] != key["world"] else []
+    if changed:
+        raise SystemExit(
+            f"HyperAlign: the work folder {work} holds runs made with a different {', '.join(changed)}. "
+            "HINT: pass --work with a new folder, or delete that one to start over."
+        )
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
@@ -380,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"HyperAlign: the toy world is not built in {ASSETS}. HINT: run python -m toyworld.factory.build."
         )
+    check_work(work, made_with(train.parse(common)[0]))
     started = time.perf_counter()
     table, results, agreement = build_table(args, common, work)
     protocol = dict(protocol_of(table.cfg, args), total_minutes=(time.perf_counter() - started) / 60)

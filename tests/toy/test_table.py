@@ -140,3 +140,15 @@ def test_agreement_summary_leaves_out_prompts_without_pairs():
     summary = summarise_agreement([{"toy_clip": 1.0}, {"toy_clip": 0.5}, {"toy_clip": None}])
     assert summary["toy_clip"]["prompts"] == 2 and summary["toy_clip"]["mean"] == 0.75
     assert summarise_agreement([{"toy_clip": None}])["toy_clip"] == {"mean": None, "se": None, "prompts": 0}
+
+
+def test_a_work_folder_made_with_another_config_is_refused(tmp_path):
+    from toyworld.table import check_work
+
+    key = {"config": {"optim": {"lr": 1e-4}, "rewards": [1.0]}, "world": "abc"}
+    check_work(str(tmp_path), key)
+    check_work(str(tmp_path), key)  # the same config: its runs are reused
+    with pytest.raises(SystemExit, match=r"different config\.rewards.*HINT: pass --work"):
+        check_work(str(tmp_path), {**key, "config": {"optim": {"lr": 1e-4}, "rewards": [0.5]}})
+    with pytest.raises(SystemExit, match="the toy world's files"):
+        check_work(str(tmp_path), {**key, "world": "abd"})
