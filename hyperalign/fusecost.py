@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora import add_lora_delta, merge_weights
+from .lora import ConvGeometry, add_delta, merge_weights
 from .schedule import segment_of
 
 
@@ -110,30 +110,38 @@ def measure_merge(groups: Sequence[MergeGroup], scale: float, budget_bytes: int 
     return _seconds(run, device, repeats=1, warm=False) * total / size
 
 
-SideCall = tuple[tuple[int, ...], torch.dtype, int, torch.Tensor, torch.Tensor, tuple[int, int] | None]
+SideCall = tuple[
+    tuple[int, ...], torch.dtype, int, torch.Tensor, torch.Tensor, tuple[int, int] | None, ConvGeometry | None
+]
+
+
+def _output_shape(shape: tuple[int, ...], width: int, geometry: ConvGeometry | None) -> tuple[int, ...]:
+    if geometry is None:
+        return (*shape[:-1], width)
+    return (shape[0], width, *geometry.output_size(shape[2:]))
 
 
 def measure_side(calls: Iterable[SideCall], scale: float) -> float:
     """Seconds of one model call's side paths. Each target gives its input's shape and dtype, its output width,
-    its row-bound factors (down (rows, r, i), up (rows, o, r), on the call's device, as the hooks get them) and
-    its out_slice; the side paths run on zero activations of those shapes."""
+    its row-bound factors (down (rows, r, i), up (rows, o, r), on the call's device, as the hooks get them), its
+    out_slice and, for a convolution, its geometry; the side paths run on zero activations of those shapes."""
     calls = list(calls)
     if not calls:
         return 0.0
     device = calls[0][3].device
     buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     work = []
-    for shape, dtype, width, down, up, out_slice in calls:
-        key = (tuple(shape), dtype, width)
+    for shape, dtype, width, down, up, out_slice, geometry in calls:
+        key = (tuple(shape), dtype, width, geometry)
         if key not in buffers:  # targets of one shape share buffers: the measurement stays small
             x = torch.zeros(shape, device=device, dtype=dtype)
-            buffers[key] = (x, torch.zeros(*shape[:-1], width, device=device, dtype=dtype))
+            buffers[key] = (x, torch.zeros(_output_shape(shape, width, geometry), device=device, dtype=dtype))
         x, out = buffers[key]
-        work.append((out, x, down, up, out_slice))
+        work.append((out, x, down, up, out_slice, geometry))
 
     def run():
         with torch.no_grad():
-            for out, x, down, up, out_slice in work:
-                add_lora_delta(out, x, down, up, scale, out_slice)
+            for out, x, down, up, out_slice, geometry in work:
+                add_delta(out, x, down, up, scale, out_slice, geometry)
 
     return _seconds(run, device, repeats=3)

@@ -1,6 +1,7 @@
 """Per-sample dynamic LoRA: ``y = W x + s * up_b(down_b(x))`` for batch row b.
 
-Shape legend: b rows of a host batch, n tokens, i in_features, o out_features, r rank.
+Shape legend: b rows of a host batch, n tokens, i in_features, o out_features, r rank; for a Conv2d
+target c input channels, (kh, kw) its kernel, i = c * kh * kw.
 Factor naming follows ComfyUI/kohya and peft: ``down`` is (r, i), ``up`` is (o, r), ``scale =
 alpha / rank * strength``. The paper writes ΔW = B·A, so B = up and A = down.
 
@@ -10,6 +11,8 @@ Two ways to apply it, with the same result:
   They never touch weights, so fp8/fp16/bf16/fp32 base layers, ComfyUI's manual-cast and low-VRAM
   paths and training all share one code path: :func:`add_lora_delta` (reference: :func:`lora_delta`).
   Hooks read a mutable :class:`LoRAState`, so they can be re-pointed at new factors cheaply.
+  A Conv2d target takes LoCon's form: ``down`` is a (r, c, kh, kw) kernel applied with the layer's own
+  stride, padding and dilation (one grouped convolution serves every row's kernel), ``up`` a 1x1 (o, r).
 - When every row of a call shares one LoRA (one sample), :func:`fused_weights` merges it into new
   weight tensors and :func:`swapped_weights` points the modules at them for the duration of a call.
   The original weight tensors are never written: they go back in place on exit, even on an error.
@@ -22,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .targets import Target
@@ -84,6 +88,68 @@ def add_lora_delta(
     return output
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a Conv2d target slides its kernel; a LoCon delta uses the layer's own geometry."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ConvGeometry:
+        return cls(*(tuple(getattr(module, name)) for name in ("kernel_size", "stride", "padding", "dilation")))
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return tuple(
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(size, self.kernel, self.stride, self.padding, self.dilation)
+        )
+
+
+def conv_lora_delta(
+    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, geometry: ConvGeometry
+) -> torch.Tensor:
+    """The LoCon update for each row of `x` (b, c, h, w) -> (b, o, h', w'), in the factors' dtype: row b's
+    (r, c*kh*kw) down factor as a kernel, by one convolution grouped by row, then its (o, r) up factor."""
+    b, c = x.shape[:2]
+    if down.shape[0] != b or up.shape[0] != b:
+        raise ValueError(f"factor batch {down.shape[0]} does not match input batch {b}")
+    r, (kh, kw) = down.shape[1], geometry.kernel
+    if down.shape[-1] != c * kh * kw:
+        raise ValueError(f"factor in_features {down.shape[-1]} does not match {c} channels x kernel {kh}x{kw}")
+    hidden = F.conv2d(
+        x.reshape(1, b * c, *x.shape[2:]).to(down.dtype),
+        down.reshape(b * r, c, kh, kw),
+        stride=geometry.stride,
+        padding=geometry.padding,
+        dilation=geometry.dilation,
+        groups=b,
+    )  # (1, b*r, h', w')
+    delta = torch.bmm(up, hidden.reshape(b, r, -1))  # (b, o, h'*w')
+    return (delta * scale).reshape(b, up.shape[1], *hidden.shape[2:])
+
+
+def add_delta(
+    output: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    out_slice: tuple[int, int] | None = None,
+    geometry: ConvGeometry | None = None,
+) -> torch.Tensor:
+    """`output` plus each row's LoRA update of `x`: :func:`add_lora_delta` for a Linear target, the LoCon update
+    (added in place when nothing needs gradients) for a Conv2d one."""
+    if geometry is None:
+        return add_lora_delta(output, x, down, up, scale, out_slice)
+    delta = conv_lora_delta(x, down, up, scale, geometry).to(output.dtype)
+    if _needs_autograd(output, x, down, up):
+        return output + delta
+    return output.add_(delta)
+
+
 def rows_to_samples(num_rows: int, num_samples: int) -> torch.Tensor:
     """Sample index of each host-batch row, ComfyUI's chunk-major layout: row r is sample r % B.
 
@@ -99,8 +165,9 @@ def rows_to_samples(num_rows: int, num_samples: int) -> torch.Tensor:
 
 
 def merged_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + s * up @ down`` for one sample's factors (r, i) and (o, r): the reference and the fuse path."""
-    return weight + scale * (up.to(weight.dtype) @ down.to(weight.dtype))
+    """``W + s * up @ down`` for one sample's factors (r, i) and (o, r), reshaped to a convolution's kernel:
+    the reference for the fuse path."""
+    return weight + scale * (up.to(weight.dtype) @ down.to(weight.dtype)).reshape(weight.shape)
 
 
 @dataclass
@@ -133,14 +200,14 @@ class LoRAState:
         return self._bound.get(target_id) if self.factors is not None else None
 
 
-def _make_hook(target: Target, state: LoRAState, out_slice: tuple[int, int] | None):
+def _make_hook(target: Target, state: LoRAState, out_slice: tuple[int, int] | None, geometry: ConvGeometry | None):
     def hook(module, args, output):
         pair = state.for_target(target.id)
         if pair is None:
             return None
         down, up = pair
         try:
-            output = add_lora_delta(output, args[0], down, up, state.scale, out_slice)
+            output = add_delta(output, args[0], down, up, state.scale, out_slice, geometry)
         except ValueError as err:
             raise ValueError(f"{err} at target {target.id!r}") from None
         state.calls += 1
@@ -149,7 +216,26 @@ def _make_hook(target: Target, state: LoRAState, out_slice: tuple[int, int] | No
     return hook
 
 
+def _check_conv(target: Target, module: nn.Module, path: str) -> None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Conv2d) or weight is None or weight.dim() != 4:
+        raise TypeError(
+            f"HyperAlign: {path!r} is a {type(module).__name__}, not a Conv2d layer. HINT: models replaced by "
+            "TensorRT-style or other fused implementations cannot take HyperAlign's LoRA."
+        )
+    expected = (target.out_features, target.in_channels, *target.kernel)
+    if tuple(weight.shape) != expected or module.groups != 1 or module.padding_mode != "zeros":
+        raise ValueError(
+            f"HyperAlign: convolution {path!r} has weight shape {tuple(weight.shape)} (groups {module.groups}, "
+            f"padding {module.padding_mode!r}), but the predictor expects {expected} with groups 1 and zero padding. "
+            "HINT: the predictor was trained for a different architecture."
+        )
+
+
 def check_module(target: Target, module: nn.Module, path: str) -> None:
+    if target.kernel is not None:
+        _check_conv(target, module, path)
+        return
     weight = getattr(module, "weight", None)
     if weight is None or weight.dim() != 2:
         raise TypeError(
@@ -203,7 +289,10 @@ def hooked(resolved: list[tuple[Target, str, nn.Module]], state: LoRAState) -> I
     handles = []
     try:
         for target, _path, module in resolved:
-            handles.append(module.register_forward_hook(_make_hook(target, state, fused_slice(target, module))))
+            geometry = ConvGeometry.of(module) if target.kernel is not None else None
+            handles.append(
+                module.register_forward_hook(_make_hook(target, state, fused_slice(target, module), geometry))
+            )
         yield state
     finally:
         for handle in handles:
@@ -227,16 +316,18 @@ def merge_weights(
     """A new tensor: `weight` plus ``scale * up @ down`` of each (down (r, i), up (o, r), out_slice) in its rows.
 
     `weight` is only read. The sum is formed in fp32 and rounded once to the weight's dtype, so fp16/bf16
-    weights lose nothing to the merge beyond that rounding.
+    weights lose nothing to the merge beyond that rounding. A convolution's (o, c, kh, kw) weight is merged as
+    its (o, c*kh*kw) matrix: the layout of a LoCon down factor.
     """
+    flat = weight.detach().reshape(weight.shape[0], -1)
     if weight.dtype == torch.float32 and len(parts) == 1 and parts[0][2] is None:
         down, up, _ = parts[0]  # the common case in one pass: fresh memory is written once, not copied then updated
-        return torch.addmm(weight.detach(), up.to(weight), down.to(weight), alpha=scale)
-    merged = weight.detach().to(torch.float32, copy=True)
+        return torch.addmm(flat, up.to(weight), down.to(weight), alpha=scale).reshape(weight.shape)
+    merged = flat.to(torch.float32, copy=True)
     for down, up, out_slice in parts:
         rows = merged if out_slice is None else merged[out_slice[0] : out_slice[1]]
         rows.addmm_(up.to(merged), down.to(merged), alpha=scale)
-    return merged.to(weight.dtype)
+    return merged.to(weight.dtype).reshape(weight.shape)
 
 
 def fused_weights(

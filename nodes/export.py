@@ -47,6 +47,8 @@ def lora_state_dict(predictor, family: str, factors: Factors, index: int, streng
         down, up = factors[target.id]
         down = down[index].detach().float().cpu().contiguous()  # (r, i)
         up = (up[index].detach().float() * strength).cpu().contiguous()  # (o, r)
+        if target.kernel is not None:  # kohya's LoCon layout: a (r, c, kh, kw) kernel, then a 1x1 (o, r, 1, 1)
+            down, up = down.reshape(down.shape[0], target.in_channels, *target.kernel), up[..., None, None]
         if family in UNET_FAMILIES:
             key, names = "lora_unet_" + target.id.replace(".", "_"), ("lora_down", "lora_up")
         else:

@@ -62,7 +62,7 @@ def test_measurements_are_positive_and_leave_weights_alone():
     groups = [(w, [(torch.randn(4, 32), torch.randn(64, 4), None)]) for w in weights]
     merge = measure_merge(groups, 0.5)
     assert merge > 0 and all(torch.equal(w, c) for w, c in zip(weights, copies))
-    calls = [((2, 16, 32), torch.float32, 64, torch.randn(2, 4, 32), torch.randn(2, 64, 4), None)] * 3
+    calls = [((2, 16, 32), torch.float32, 64, torch.randn(2, 4, 32), torch.randn(2, 64, 4), None, None)] * 3
     assert measure_side(calls, 0.5) > 0
     assert measure_side([], 0.5) == 0.0 and measure_merge([], 0.5) == 0.0
 

@@ -28,14 +28,19 @@ GOLDEN_SHA256 = {
     (SDXL, "attn"): "84436f7d9a726c8b83eaaf182abc1aa7431dd36eecd48db8670f151767a0953d",
     (SDXL, "cross_attn"): "ca75daefe22e0b573bbe6a7c0a4ebfb2a0b67e97b00ed52ea9589280d14cdc5a",
     (SDXL, "cross_kv"): "d65151a02c86af7f54df23a06211570c7a181095f1d13132a2ea2624cac36dd8",
+    (SD15, "attn_conv"): "8014e5e457fe451e566416eefbc84c5b18ae855b6954df1d17b2179e14137f78",
+    (SDXL, "attn_conv"): "ba3dcb1b2e4c32e79367a920a31a8f9e2f225897dcb54ad1d2e6dd9fd563979f",
 }
 # SDXL: transformer blocks down (level 1: 2 sites x 2, level 2: 2 x 10), middle 10, up (3 x 10, 3 x 2) = 70
 SDXL_BLOCKS = 2 * 2 + 2 * 10 + 10 + 3 * 10 + 3 * 2
+# ResNet blocks, two 3x3 convolutions each: SD1.5 down 4 x 2, middle 2, up 4 x 3; SDXL down 3 x 2, middle 2, up 3 x 3
+SD15_CONVS, SDXL_CONVS = 2 * (4 * 2 + 2 + 4 * 3), 2 * (3 * 2 + 2 + 3 * 3)
 
 GOLDEN_COUNTS = [
     (SD15, "attn", 128),
     (SD15, "cross_attn", 64),
     (SD15, "self_attn", 64),
+    (SD15, "attn_conv", 128 + SD15_CONVS),
     (FLUX, "attn", 19 * 8 + 38 * 3),
     (FLUX, "double_attn", 19 * 8),
     (FLUX, "img_attn", 19 * 4 + 38 * 3),
@@ -43,6 +48,7 @@ GOLDEN_COUNTS = [
     (SDXL, "attn", SDXL_BLOCKS * 8),
     (SDXL, "cross_attn", SDXL_BLOCKS * 4),
     (SDXL, "cross_kv", SDXL_BLOCKS * 2),
+    (SDXL, "attn_conv", SDXL_BLOCKS * 8 + SDXL_CONVS),
 ]
 
 TINY_UNET = UNetArch(block_channels=(32, 64), attention_levels=(True, True), layers_per_block=1, context_dim=32)
@@ -129,15 +135,36 @@ def test_sd15_shapes():
     assert index["down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q"].comfy == (
         "input_blocks.8.1.transformer_blocks.0.attn1.to_q"
     )
-    assert not any(t.id.startswith("down_blocks.3") or t.id.startswith("up_blocks.0") for t in table.rows)
+    attention = build_table(SD15).preset("attn")
+    assert not any(t.id.startswith("down_blocks.3") or t.id.startswith("up_blocks.0") for t in attention)
+
+
+@pytest.mark.parametrize(
+    "id_, comfy, in_channels, out_channels",
+    [
+        ("down_blocks.0.resnets.0.conv1", "input_blocks.1.0.in_layers.2", 320, 320),
+        ("down_blocks.1.resnets.0.conv1", "input_blocks.4.0.in_layers.2", 320, 640),
+        ("down_blocks.3.resnets.1.conv2", "input_blocks.11.0.out_layers.3", 1280, 1280),
+        ("mid_block.resnets.1.conv1", "middle_block.2.in_layers.2", 1280, 1280),
+        ("up_blocks.0.resnets.0.conv1", "output_blocks.0.0.in_layers.2", 2560, 1280),
+        ("up_blocks.1.resnets.2.conv1", "output_blocks.5.0.in_layers.2", 1920, 1280),  # the skip of a 640 level
+        ("up_blocks.3.resnets.0.conv1", "output_blocks.9.0.in_layers.2", 960, 320),
+        ("up_blocks.3.resnets.2.conv2", "output_blocks.11.0.out_layers.3", 320, 320),
+    ],
+)
+def test_sd15_resnet_convolutions(id_, comfy, in_channels, out_channels):
+    """ComfyUI's ResBlock keeps conv1 at in_layers.2 and conv2 at out_layers.3; a LoCon down factor is c*3*3 wide."""
+    row = build_table(SD15).by_id()[id_]
+    assert (row.comfy, row.kernel, row.in_channels, row.out_features) == (comfy, (3, 3), in_channels, out_channels)
+    assert row.in_features == 9 * in_channels and row.out_slice is None
 
 
 def test_transformer_depth_multiplies_sites():
-    assert len(build_table(SD15, UNetArch(transformer_depth=2)).rows) == 2 * 128
+    assert len(build_table(SD15, UNetArch(transformer_depth=2)).preset("attn")) == 2 * 128
 
 
 def test_no_mid_attention():
-    rows = build_table(SD15, UNetArch(mid_attention=False)).rows
+    rows = build_table(SD15, UNetArch(mid_attention=False)).preset("attn")
     assert len(rows) == 120 and not any(t.id.startswith("mid_block") for t in rows)
 
 
@@ -207,7 +234,7 @@ def test_tiny_unet_rows():
 
 
 def test_sdxl_shapes_and_comfy_paths():
-    index = build_table(SDXL).by_id()
+    index = {t.id: t for t in build_table(SDXL).preset("attn")}
     assert not any(i.startswith(("down_blocks.0.", "up_blocks.2.")) for i in index)  # no attention at level 0
     k = index["down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"]
     assert (k.comfy, k.in_features, k.out_features) == ("input_blocks.4.1.transformer_blocks.1.attn2.to_k", 2048, 640)

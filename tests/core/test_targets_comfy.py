@@ -1,7 +1,7 @@
 """The target table against a real ComfyUI: full-size models on the meta device, tiny ones for real.
 
 Every row's `comfy` path must hold a Linear whose weight covers the row (its out_slice inside the
-fused output), the fused slices must tile qkv/linear1 exactly, and our rows must agree with
+fused output) or, for a convolution row, a Conv2d of its kernel and channels, the fused slices must tile qkv/linear1 exactly, and our rows must agree with
 ComfyUI's own diffusers key maps (comfy.utils.unet_to_diffusers / flux_to_diffusers).
 """
 
@@ -144,6 +144,10 @@ def assert_rows_fit(model, rows):
     modules = dict(model.named_modules())
     for t in rows:
         module = modules.get(t.comfy)
+        if t.kernel is not None:
+            assert isinstance(module, nn.Conv2d), t.comfy
+            assert tuple(module.weight.shape) == (t.out_features, t.in_channels, *t.kernel), t.id
+            continue
         assert isinstance(module, nn.Linear), t.comfy
         rows_out, cols_in = module.weight.shape
         assert cols_in == t.in_features, t.id
@@ -163,6 +167,17 @@ def test_sd15_rows_exist_in_comfy_unet(sd15_unet):
         n for n, m in sd15_unet.named_modules() if isinstance(m, nn.Linear) and (".attn1." in n or ".attn2." in n)
     }
     assert {t.comfy for t in table.preset("attn")} == attention
+    assert {t.comfy for t in table.rows if t.kernel} == resnet_convs(sd15_unet)
+
+
+def resnet_convs(unet):
+    """ComfyUI's ResBlock convolutions: in_layers.2 and out_layers.3 of every ResBlock."""
+    return {
+        f"{name}.{part}"
+        for name, m in unet.named_modules()
+        if type(m).__name__ == "ResBlock"
+        for part in ("in_layers.2", "out_layers.3")
+    }
 
 
 def test_sdxl_rows_exist_in_comfy_sdxl_unet(sdxl_unet):
@@ -173,6 +188,14 @@ def test_sdxl_rows_exist_in_comfy_sdxl_unet(sdxl_unet):
         n for n, m in sdxl_unet.named_modules() if isinstance(m, nn.Linear) and (".attn1." in n or ".attn2." in n)
     }
     assert {t.comfy for t in table.preset("attn")} == attention
+    assert {t.comfy for t in table.rows if t.kernel} == resnet_convs(sdxl_unet)
+
+
+def is_table_key(key: str) -> bool:
+    """A diffusers weight key of a kind the UNet table covers: attention Linears and ResNet convolutions."""
+    return key.endswith(".weight") and (
+        ".attn1." in key or ".attn2." in key or (".resnets." in key and key.endswith((".conv1.weight", ".conv2.weight")))
+    )
 
 
 def test_sdxl_rows_agree_with_unet_to_diffusers(comfy):
@@ -180,7 +203,7 @@ def test_sdxl_rows_agree_with_unet_to_diffusers(comfy):
     rows = build_table(SDXL).rows
     for t in rows:
         assert key_map[f"{t.id}.weight"] == f"{t.comfy}.weight", t.id
-    theirs = {k[: -len(".weight")] for k in key_map if k.endswith(".weight") and (".attn1." in k or ".attn2." in k)}
+    theirs = {k[: -len(".weight")] for k in key_map if is_table_key(k)}
     assert theirs == {t.id for t in rows}
 
 
@@ -219,7 +242,7 @@ def test_sd15_rows_agree_with_unet_to_diffusers(comfy):
     rows = build_table(SD15).rows
     for t in rows:
         assert key_map[f"{t.id}.weight"] == f"{t.comfy}.weight", t.id
-    theirs = {k[: -len(".weight")] for k in key_map if k.endswith(".weight") and (".attn1." in k or ".attn2." in k)}
+    theirs = {k[: -len(".weight")] for k in key_map if is_table_key(k)}
     assert theirs == {t.id for t in rows}
 
 
@@ -269,7 +292,7 @@ def test_tiny_unet_rows_agree_with_unet_to_diffusers(comfy):
     rows = build_table(SD15, TINY_UNET_ARCH).rows
     for t in rows:
         assert key_map[f"{t.id}.weight"] == f"{t.comfy}.weight", t.id
-    assert len(rows) == 56
+    assert len(rows) == 56 + 2 * (2 + 2 + 4)  # attention, then 8 ResNet blocks' convolutions
 
 
 def initialise(model, seed=0):
@@ -302,7 +325,7 @@ def run_with_hooks(model, rows, forward, samples):
 def test_tiny_comfy_unet_every_row_fires(comfy):
     torch.manual_seed(0)
     unet = initialise(build(comfy, comfy.supported_models.SD15, TINY_UNET_CONFIG, "cpu"))
-    rows = build_table(SD15, TINY_UNET_ARCH).preset("attn")
+    rows = build_table(SD15, TINY_UNET_ARCH).preset("attn_conv")
     assert_rows_fit(unet, rows)
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
 
@@ -312,7 +335,7 @@ def test_tiny_comfy_unet_every_row_fires(comfy):
     with torch.no_grad():
         plain = forward()
     out, state = run_with_hooks(unet, rows, forward, 2)
-    assert state.calls == len(rows)  # each attention Linear ran once, with its LoRA
+    assert state.calls == len(rows)  # each attention Linear and ResNet convolution ran once, with its LoRA
     assert not torch.allclose(out, plain)
 
 

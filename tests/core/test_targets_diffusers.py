@@ -1,7 +1,8 @@
 """The target table against diffusers models: full-size ones on the meta device, tiny ones for real.
 
-Every row's id must be a diffusers nn.Linear of the stated shape, and every attention Linear of the
-model must be a row (so the table neither invents nor misses layers).
+Every row's id must be a diffusers nn.Linear (or, for a convolution row, nn.Conv2d) of the stated shape, and
+every attention Linear and ResNet convolution of the model must be a row (so the table neither invents nor
+misses layers).
 """
 
 import pytest
@@ -108,10 +109,18 @@ def assert_rows_are_linears(model, rows):
     modules = dict(model.named_modules())
     for t in rows:
         module = modules.get(t.id)
+        if t.kernel is not None:
+            assert isinstance(module, nn.Conv2d), t.id
+            assert tuple(module.weight.shape) == (t.out_features, t.in_channels, *t.kernel), t.id
+            continue
         assert isinstance(module, nn.Linear), t.id
         assert (module.in_features, module.out_features) == (t.in_features, t.out_features), t.id
     resolved = resolve_modules(model, list(rows), lambda t: t.id)
     assert [r[0] for r in resolved] == list(rows)
+
+
+def resnet_convs(model):
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and ".resnets." in n and n[-6:-1] == ".conv"}
 
 
 def is_sd_attention(name):
@@ -128,6 +137,7 @@ def test_sd15_rows_are_the_unets_attention_linears(sd15_unet):
     assert_rows_are_linears(sd15_unet, table.rows)
     assert {t.id for t in table.preset("attn")} == linear_names(sd15_unet, is_sd_attention)
     assert {t.id for t in table.preset("cross_attn")} == linear_names(sd15_unet, lambda n: ".attn2." in n)
+    assert {t.id for t in table.preset("attn_conv") if t.kernel} == resnet_convs(sd15_unet)
 
 
 def test_sdxl_rows_are_the_unets_attention_linears(sdxl_unet):
@@ -136,6 +146,7 @@ def test_sdxl_rows_are_the_unets_attention_linears(sdxl_unet):
     assert_rows_are_linears(sdxl_unet, table.rows)
     assert {t.id for t in table.preset("attn")} == linear_names(sdxl_unet, is_sd_attention)
     assert {t.id for t in table.preset("cross_attn")} == linear_names(sdxl_unet, lambda n: ".attn2." in n)
+    assert {t.id for t in table.preset("attn_conv") if t.kernel} == resnet_convs(sdxl_unet)
 
 
 def test_sdxl_trainer_reads_the_table_numbers_from_the_config(sdxl_unet):
@@ -197,8 +208,8 @@ def run_hooked(model, rows, factors, forward):
 def test_tiny_unet_every_row_is_called_once_and_changes_the_output():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
-    rows = build_table(SD15, TINY_UNET_ARCH).preset("attn")
-    assert {t.id for t in rows} == linear_names(unet, is_sd_attention)
+    rows = build_table(SD15, TINY_UNET_ARCH).preset("attn_conv")
+    assert {t.id for t in rows} == linear_names(unet, is_sd_attention) | resnet_convs(unet)
     sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
 
     def forward():
