@@ -22,12 +22,19 @@ NEGATIVE_SEED = 99
 
 
 def build_predictor(
-    tiny, family: str, seed: int | None, mode: str = "S", keysteps=(0.0,), std: float = 0.1, arch: dict | None = None
+    tiny,
+    family: str,
+    seed: int | None,
+    mode: str = "S",
+    keysteps=(0.0,),
+    std: float = 0.1,
+    arch: dict | None = None,
+    targets: str = "attn",
 ):
     """A tiny predictor; seed None = untrained (exact identity), else every up-head randomised."""
     cfg = HypernetConfig(**TINY_HYPERNET[family], **HYPERNET_SHAPE)
     arch = arch or getattr(tiny, f"{family.upper()}_ARCH")
-    predictor = hyperalign.new_predictor(family, cfg, arch, mode=mode, keysteps=keysteps)
+    predictor = hyperalign.new_predictor(family, cfg, arch, targets=targets, mode=mode, keysteps=keysteps)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():

@@ -44,13 +44,16 @@ def predictor_dir(comfy_host, hyperalign_pack, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def predictors(tiny, predictor_dir):
-    """File names of the standard predictors: <family>_identity, <family>_a, <family>_b."""
+    """File names of the standard predictors: <family>_identity, <family>_a, <family>_b, and sd15_conv_a."""
     names = {}
     for family in ("sd15", "flux", "sdxl"):
         for tag, seed in (("identity", None), ("a", 1), ("b", 2)):
             name = f"{family}_{tag}.safetensors"
             hyperalign.save_predictor(predictor_dir / name, build_predictor(tiny, family, seed))
             names[f"{family}_{tag}"] = name
+    # attention plus the ResNet convolutions (LoCon targets)
+    hyperalign.save_predictor(predictor_dir / "sd15_conv_a.safetensors", build_predictor(tiny, "sd15", 1, targets="attn_conv"))
+    names["sd15_conv_a"] = "sd15_conv_a.safetensors"
     return names
 
 

@@ -64,15 +64,15 @@ def _target_modules(node, predictor_name: str) -> int:
 
 
 @pytest.mark.comfy
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize(("family", "predictor"), [("sd15", "sd15_a"), ("sd15", "sd15_conv_a"), ("flux", "flux_a")])
 @pytest.mark.parametrize(
     ("mode", "sampler", "cfg"), [("I", "euler", 5.0), ("P", "euler", 5.0), ("P", "heun", 1.0), ("S", "euler", 5.0)]
 )
 def test_fused_equals_hooked(
-    comfy, tiny, base_models, predictors, node, ui_events, fuse, merges, monkeypatch, family, mode, sampler, cfg
+    comfy, tiny, base_models, predictors, node, ui_events, fuse, merges, monkeypatch, family, predictor, mode, sampler, cfg
 ):
     model = base_models[family]
-    name = predictors[f"{family}_a"]
+    name = predictors[predictor]
     monkeypatch.setattr(fuse, "FUSE_MODES", ("S", "I", "P"))  # S too: its merges must be right as well
     fused, hooked = _fused_and_hooked(
         comfy, tiny, fuse, monkeypatch, model, family, name, node, mode, sampler=sampler, cfg=cfg

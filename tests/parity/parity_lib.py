@@ -62,15 +62,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------- trainer host
 
 
-def train_predictor(model_dir: Path, family: str, out_dir: Path, resolution: int):
-    """Train on `model_dir` with the trainer's CLI entry and its toy brightness reward; (config, predictor file)."""
+def train_predictor(model_dir: Path, family: str, out_dir: Path, resolution: int, extra: tuple[str, ...] = ()):
+    """Train on `model_dir` with the trainer's CLI entry and its toy brightness reward, plus `extra` overrides;
+    (config, predictor file)."""
     from training.config import load_config
     from training.train import main
 
     lib = training_testlib()
     prefs = lib.build_prefs(out_dir / "prefs")
     overrides = lib.tiny_overrides(model_dir, prefs, out_dir, family) + FAST_TRAINING
-    overrides.append(f"model.resolution={resolution}")
+    overrides += [f"model.resolution={resolution}", *extra]
     lib.reset_accelerate()
     try:
         assert main(overrides) == 0

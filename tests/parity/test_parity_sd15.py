@@ -4,7 +4,8 @@ The trainer trains a predictor on a tiny diffusers UNet2DConditionModel (SD1.5 b
 level, SD1.5's own scheduler config) and exports it. ComfyUI gets the same weights in its own SD15 model, renamed
 by ComfyUI's ``comfy.utils.unet_to_diffusers``, and the exported file through the HyperAlign nodes. At every step
 of a CFG run with two different prompts the eps prediction, the hypernet's inputs and its factors agree, and whole
-runs with the same sampler end in the same latents (fp32, relative error <= 1e-4).
+runs with the same sampler end in the same latents (fp32, relative error <= 1e-4). The predictor targets attention and
+the ResNet convolutions (preset attn_conv), so both LoRA paths are pinned.
 
 Conventions this pins (docs: COMFYUI.md §3.3):
 - sigma <-> t: ComfyUI's ModelSamplingDiscrete and the trainer's scheduler share alphas_cumprod, and ComfyUI's
@@ -29,6 +30,9 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 PROMPTS = ["a red cat on a sofa", "a lighthouse at night"]
 STEPS, CFG, SEED = 5, 4.0, 7
 RESOLUTION = 16  # the tiny VAE halves it: 8x8 latents
+# attention and the ResNet convolutions: ComfyUI's ResBlock convs (in_layers.2, out_layers.3) take the same LoCon
+# deltas as diffusers' conv1/conv2
+TARGETS = ("model.targets='attn_conv'",)
 # SD1.5 block types with attention on every level; ComfyUI's SD15 always has 8 heads and 32-group norms
 UNET = {
     "block_out_channels": (32, 64),
@@ -66,8 +70,9 @@ def hosts(comfy_host, hyperalign_pack, tmp_path_factory):
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, **UNET)
     parity_lib.replace_denoiser(model_dir, "unet", unet, seed=3)
     (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
-    cfg, predictor_path = parity_lib.train_predictor(model_dir, "sd15", root / "out", RESOLUTION)
+    cfg, predictor_path = parity_lib.train_predictor(model_dir, "sd15", root / "out", RESOLUTION, TARGETS)
     family, hypernet, hcfg = parity_lib.trainer_host(cfg, predictor_path)
+    assert {t.kernel for t in hypernet.targets} == {None, (3, 3)}  # both kinds of target are in the file
 
     config = comfy.supported_models.SD15(dict(tiny.SD15_UNET_CONFIG, context_dim=UNET["cross_attention_dim"]))
     comfy_name = comfy.utils.unet_to_diffusers(config.unet_config)  # diffusers name -> ComfyUI name
