@@ -161,7 +161,9 @@ def _resnet_rows(diffusers_prefix: str, comfy_prefix: str, in_channels: int, out
     """The two 3x3 convolutions of one ResNet block (ComfyUI's ResBlock: ``in_layers.2`` and ``out_layers.3``)."""
     return [
         Target(f"{diffusers_prefix}.conv1", f"{comfy_prefix}.in_layers.2", in_channels * 9, out_channels, None, (3, 3)),
-        Target(f"{diffusers_prefix}.conv2", f"{comfy_prefix}.out_layers.3", out_channels * 9, out_channels, None, (3, 3)),
+        Target(
+            f"{diffusers_prefix}.conv2", f"{comfy_prefix}.out_layers.3", out_channels * 9, out_channels, None, (3, 3)
+        ),
     ]
 
 
@@ -172,7 +174,9 @@ def _unet_resnet_rows(channels: tuple[int, ...], layers_per_block: int) -> list[
     for level, width in enumerate(channels):
         for j in range(layers_per_block):
             in_ch = channels[max(level - 1, 0)] if j == 0 else width
-            rows += _resnet_rows(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{1 + level * per_level + j}.0", in_ch, width)
+            rows += _resnet_rows(
+                f"down_blocks.{level}.resnets.{j}", f"input_blocks.{1 + level * per_level + j}.0", in_ch, width
+            )
     for j, comfy in enumerate(("middle_block.0", "middle_block.2")):
         rows += _resnet_rows(f"mid_block.resnets.{j}", comfy, channels[-1], channels[-1])
     for up in range(levels):
@@ -181,7 +185,10 @@ def _unet_resnet_rows(channels: tuple[int, ...], layers_per_block: int) -> list[
         for j in range(per_level):
             skip = skip_level if j == layers_per_block else width
             rows += _resnet_rows(
-                f"up_blocks.{up}.resnets.{j}", f"output_blocks.{up * per_level + j}.0", (previous if j == 0 else width) + skip, width
+                f"up_blocks.{up}.resnets.{j}",
+                f"output_blocks.{up * per_level + j}.0",
+                (previous if j == 0 else width) + skip,
+                width,
             )
     return rows
 

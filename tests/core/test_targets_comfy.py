@@ -1,8 +1,8 @@
 """The target table against a real ComfyUI: full-size models on the meta device, tiny ones for real.
 
 Every row's `comfy` path must hold a Linear whose weight covers the row (its out_slice inside the
-fused output) or, for a convolution row, a Conv2d of its kernel and channels, the fused slices must tile qkv/linear1 exactly, and our rows must agree with
-ComfyUI's own diffusers key maps (comfy.utils.unet_to_diffusers / flux_to_diffusers).
+fused output) or, for a convolution row, a Conv2d of its kernel and channels; the fused slices must
+tile qkv/linear1 exactly, and our rows must agree with ComfyUI's own diffusers key maps (comfy.utils.unet_to_diffusers / flux_to_diffusers).
 """
 
 from collections import defaultdict
@@ -194,7 +194,9 @@ def test_sdxl_rows_exist_in_comfy_sdxl_unet(sdxl_unet):
 def is_table_key(key: str) -> bool:
     """A diffusers weight key of a kind the UNet table covers: attention Linears and ResNet convolutions."""
     return key.endswith(".weight") and (
-        ".attn1." in key or ".attn2." in key or (".resnets." in key and key.endswith((".conv1.weight", ".conv2.weight")))
+        ".attn1." in key
+        or ".attn2." in key
+        or (".resnets." in key and key.endswith((".conv1.weight", ".conv2.weight")))
     )
 
 

@@ -120,7 +120,9 @@ def assert_rows_are_linears(model, rows):
 
 
 def resnet_convs(model):
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and ".resnets." in n and n[-6:-1] == ".conv"}
+    return {
+        n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and ".resnets." in n and n[-6:-1] == ".conv"
+    }
 
 
 def is_sd_attention(name):

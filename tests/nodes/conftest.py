@@ -52,7 +52,9 @@ def predictors(tiny, predictor_dir):
             hyperalign.save_predictor(predictor_dir / name, build_predictor(tiny, family, seed))
             names[f"{family}_{tag}"] = name
     # attention plus the ResNet convolutions (LoCon targets)
-    hyperalign.save_predictor(predictor_dir / "sd15_conv_a.safetensors", build_predictor(tiny, "sd15", 1, targets="attn_conv"))
+    hyperalign.save_predictor(
+        predictor_dir / "sd15_conv_a.safetensors", build_predictor(tiny, "sd15", 1, targets="attn_conv")
+    )
     names["sd15_conv_a"] = "sd15_conv_a.safetensors"
     return names
 

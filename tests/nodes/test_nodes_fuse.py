@@ -69,7 +69,20 @@ def _target_modules(node, predictor_name: str) -> int:
     ("mode", "sampler", "cfg"), [("I", "euler", 5.0), ("P", "euler", 5.0), ("P", "heun", 1.0), ("S", "euler", 5.0)]
 )
 def test_fused_equals_hooked(
-    comfy, tiny, base_models, predictors, node, ui_events, fuse, merges, monkeypatch, family, predictor, mode, sampler, cfg
+    comfy,
+    tiny,
+    base_models,
+    predictors,
+    node,
+    ui_events,
+    fuse,
+    merges,
+    monkeypatch,
+    family,
+    predictor,
+    mode,
+    sampler,
+    cfg,
 ):
     model = base_models[family]
     name = predictors[predictor]
@@ -147,11 +160,13 @@ def test_auto_merges_when_the_cost_model_says_it_pays(
 
 
 @pytest.mark.comfy
-def test_auto_measures_real_costs_once(comfy, tiny, predictors, node, fuse, merges, monkeypatch):
-    """Unpatched measurement on the tiny model: positive costs, cached per model and call shape."""
+@pytest.mark.parametrize("predictor", ["sd15_a", "sd15_conv_a"])
+def test_auto_measures_real_costs_once(comfy, tiny, predictors, node, fuse, merges, monkeypatch, predictor):
+    """Unpatched measurement on the tiny model (convolution side paths included): positive costs, cached per model
+    and call shape."""
     model = tiny.build_model("sd15", seed=0)
     monkeypatch.setattr(fuse, "FUSE", "auto")
-    sample(comfy, tiny, apply(node, model, predictors["sd15_a"], mode="P", keysteps=KEYSTEPS["sd15"]), "sd15", 1)
+    sample(comfy, tiny, apply(node, model, predictors[predictor], mode="P", keysteps=KEYSTEPS["sd15"]), "sd15", 1)
     (costs,) = fuse._COSTS[model.model.diffusion_model].values()
     assert costs.merge_seconds > 0 and costs.side_seconds > 0
 

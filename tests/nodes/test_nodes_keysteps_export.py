@@ -75,10 +75,15 @@ def _export(node, tiny, model, family, loaded, batch, index, strength=1.0, prefi
 
 
 @pytest.mark.comfy
-@pytest.mark.parametrize("family", ["sd15", "flux", "sdxl"])
-def test_exported_lora_in_loraloader_equals_the_i_mode_run(comfy, tiny, base_models, predictors, node, family):
+@pytest.mark.parametrize(
+    ("family", "predictor"), [("sd15", "sd15_a"), ("sd15", "sd15_conv_a"), ("flux", "flux_a"), ("sdxl", "sdxl_a")]
+)
+def test_exported_lora_in_loraloader_equals_the_i_mode_run(
+    comfy, tiny, base_models, predictors, node, family, predictor
+):
+    """sd15_conv_a also targets the ResNet convolutions: kohya's LoCon layout, which ComfyUI loads as conv LoRA."""
     model = base_models[family]
-    loaded = node("HyperAlignLoader", predictor_name=predictors[f"{family}_a"]).args[0]
+    loaded = node("HyperAlignLoader", predictor_name=predictors[predictor]).args[0]
     strength, batch, index = 0.7, 2, 1
     output = _export(node, tiny, model, family, loaded, batch, index, strength, prefix=f"loras/{family}")
     (path,) = output.args
@@ -101,7 +106,7 @@ def test_exported_lora_in_loraloader_equals_the_i_mode_run(comfy, tiny, base_mod
         )
         return out["samples"]
 
-    aligned = run(apply(node, model, predictors[f"{family}_a"], mode="I", strength=strength))
+    aligned = run(apply(node, model, predictors[predictor], mode="I", strength=strength))
     (with_lora,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(model, path_for_loader(comfy, full), 1.0)
     exported = run(with_lora)
     plain = run(model)
