@@ -2,7 +2,8 @@
 
 Every row's `comfy` path must hold a Linear whose weight covers the row (its out_slice inside the
 fused output) or, for a convolution row, a Conv2d of its kernel and channels; the fused slices must
-tile qkv/linear1 exactly, and our rows must agree with ComfyUI's own diffusers key maps (comfy.utils.unet_to_diffusers / flux_to_diffusers).
+tile qkv/linear1 exactly, and our rows must agree with ComfyUI's own diffusers key maps
+(comfy.utils.unet_to_diffusers / flux_to_diffusers).
 """
 
 from collections import defaultdict
