@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table([HEADER] + [r.cells() for r in rows])
     xl = [measure(SDXL, dim, args.rank, preset) for preset in preset_names(SDXL) for dim in (None, 512)]
-    print("\nSDXL presets (attn: every attention Linear; cross_attn: attn2 only; cross_kv: attn2 to_k/to_v only)")
+    print(
+        "\nSDXL presets (attn: every attention Linear; attn_conv: plus the ResNet 3x3 convolutions; cross_attn: attn2 "
+        "only; cross_kv: attn2 to_k/to_v only)"
+    )
     print_table([HEADER] + [r.cells() for r in xl])
     size, overhead = real_bf16_file_mb(args.rank, args.preset)
     estimate = measure(SD15, None, args.rank, args.preset).file_bf16_mb
