@@ -35,7 +35,10 @@ def peft_factors(targets: list[Target], rank: int) -> list[tuple[torch.Tensor, t
     names = [f"t{i}" for i in range(len(targets))]  # target ids contain dots, which module names cannot
     with torch.device("meta"):
         for name, t in zip(names, targets):
-            root.add_module(name, nn.Linear(t.in_features, t.out_features, bias=False))
+            if t.kernel is None:
+                root.add_module(name, nn.Linear(t.in_features, t.out_features, bias=False))
+            else:  # peft's conv LoRA: a kernel down to r channels, a 1x1 up (LoCon), flattened below
+                root.add_module(name, nn.Conv2d(t.in_channels, t.out_features, t.kernel, bias=False))
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights=True)
     root = inject_adapter_in_model(config, root, low_cpu_mem_usage=False)
     factors = []
@@ -45,9 +48,8 @@ def peft_factors(targets: list[Target], rank: int) -> list[tuple[torch.Tensor, t
         layer.lora_A.to_empty(device="cpu")
         layer.lora_B.to_empty(device="cpu")
         layer.reset_lora_parameters("default", True)  # peft's own default initialisation
-        factors.append(
-            (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
-        )
+        down, up = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        factors.append((down.reshape(rank, -1).clone(), up.reshape(up.shape[0], rank).clone()))
     return factors
 
 

@@ -58,6 +58,30 @@ def test_static_lora_equals_a_peft_lora_with_its_factors():
         torch.testing.assert_close(peft_model.layer(x), hooked_out, rtol=1e-5, atol=1e-6)
 
 
+def test_static_conv_lora_equals_peft_conv_lora_with_its_factors():
+    """A ResNet-convolution target: the static LoRA through the hooks is peft's conv LoRA (a 3x3 kernel down to r
+    channels, then a 1x1 up) with the same factors."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    target = next(t for t in build_table("sd15", nets.unet_arch()).preset("attn_conv") if t.kernel)
+    static = StaticLoRA([target], rank=2)
+    with torch.no_grad():
+        static.up[0].normal_()
+    base = torch.nn.Module()
+    base.add_module("conv", torch.nn.Conv2d(target.in_channels, target.out_features, 3, padding=1))
+    x = torch.randn(2, target.in_channels, 6, 6)
+    state = LoRAState(scale=1.0)
+    state.bind(static(x, torch.zeros(2)))
+    with hooked([(target, "conv", base.conv)], state), torch.no_grad():
+        hooked_out = base.conv(x)
+    peft_model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["conv"]), base)
+    with torch.no_grad():
+        peft_model.conv.lora_A["default"].weight.copy_(static.down[0].reshape(2, target.in_channels, 3, 3))
+        peft_model.conv.lora_B["default"].weight.copy_(static.up[0][..., None, None])
+        torch.testing.assert_close(peft_model.conv(x), hooked_out, rtol=1e-5, atol=1e-5)
+
+
 def test_static_lora_trains_through_the_shared_lora_path():
     """Gradients reach the static factors through the hooks the trainer uses, and the trained LoRA acts as
     a merged weight would."""
