@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora import ConvGeometry, add_delta, merge_weights
+from .lora import ConvGeometry, add_lora_delta, merge_weights
 from .schedule import segment_of
 
 
@@ -142,6 +142,6 @@ def measure_side(calls: Iterable[SideCall], scale: float) -> float:
     def run():
         with torch.no_grad():
             for out, x, down, up, out_slice, geometry in work:
-                add_delta(out, x, down, up, scale, out_slice, geometry)
+                add_lora_delta(out, x, down, up, scale, out_slice, geometry)
 
     return _seconds(run, device, repeats=3)

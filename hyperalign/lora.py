@@ -34,10 +34,15 @@ from .targets import Target
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _check_factor_shapes(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> None:
-    b, i = x.shape[0], x.shape[-1]
+def _check_factor_batch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> None:
+    b = x.shape[0]
     if down.shape[0] != b or up.shape[0] != b:
         raise ValueError(f"factor batch {down.shape[0]} does not match input batch {b}")
+
+
+def _check_factor_shapes(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> None:
+    _check_factor_batch(x, down, up)
+    i = x.shape[-1]
     if down.shape[-1] != i:
         raise ValueError(f"factor in_features {down.shape[-1]} does not match input features {i}")
 
@@ -52,50 +57,14 @@ def lora_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: flo
     return (delta * scale).reshape(*x.shape[:-1], up.shape[1])
 
 
-def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def add_lora_delta(
-    output: torch.Tensor,
-    x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    scale: float,
-    out_slice: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """`output` (b, ..., o) plus each row's LoRA update of `x`, in its `out_slice` rows when given.
-
-    At inference (nothing needs gradients, one dtype) the update goes straight into `output` in one
-    ``baddbmm_``: no (b, n, o) delta is allocated, scaled or added. Otherwise it is :func:`lora_delta`
-    cast to the output's dtype and added (in place only into a fused layer's slice, which a Linear's
-    backward does not need).
-    """
-    fast = output.dtype == down.dtype == up.dtype and output.is_contiguous()
-    if not fast or _needs_autograd(output, x, down, up):
-        delta = lora_delta(x, down, up, scale).to(output.dtype)
-        if out_slice is None:
-            return output + delta
-        output[..., out_slice[0] : out_slice[1]] += delta
-        return output
-    _check_factor_shapes(x, down, up)
-    b, i = x.shape[0], x.shape[-1]
-    hidden = torch.bmm(x.reshape(b, -1, i).to(down.dtype), down.transpose(1, 2))  # (b, n, r)
-    rows = output.view(b, -1, output.shape[-1])
-    if out_slice is not None:
-        rows = rows[..., out_slice[0] : out_slice[1]]
-    rows.baddbmm_(hidden, up.transpose(1, 2), alpha=scale)
-    return output
-
-
 @dataclass(frozen=True)
 class ConvGeometry:
     """How a Conv2d target slides its kernel; a LoCon delta uses the layer's own geometry."""
 
     kernel: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
 
     @classmethod
     def of(cls, module: nn.Module) -> ConvGeometry:
@@ -108,14 +77,18 @@ class ConvGeometry:
         )
 
 
+def conv_geometry(target: Target, module: nn.Module) -> ConvGeometry | None:
+    """The geometry a convolution target's delta slides with (its module's own); None for a Linear target."""
+    return ConvGeometry.of(module) if target.kernel is not None else None
+
+
 def conv_lora_delta(
     x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, geometry: ConvGeometry
 ) -> torch.Tensor:
     """The LoCon update for each row of `x` (b, c, h, w) -> (b, o, h', w'), in the factors' dtype: row b's
     (r, c*kh*kw) down factor as a kernel, by one convolution grouped by row, then its (o, r) up factor."""
+    _check_factor_batch(x, down, up)
     b, c = x.shape[:2]
-    if down.shape[0] != b or up.shape[0] != b:
-        raise ValueError(f"factor batch {down.shape[0]} does not match input batch {b}")
     r, (kh, kw) = down.shape[1], geometry.kernel
     if down.shape[-1] != c * kh * kw:
         raise ValueError(f"factor in_features {down.shape[-1]} does not match {c} channels x kernel {kh}x{kw}")
@@ -131,7 +104,11 @@ def conv_lora_delta(
     return (delta * scale).reshape(b, up.shape[1], *hidden.shape[2:])
 
 
-def add_delta(
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def add_lora_delta(
     output: torch.Tensor,
     x: torch.Tensor,
     down: torch.Tensor,
@@ -140,14 +117,33 @@ def add_delta(
     out_slice: tuple[int, int] | None = None,
     geometry: ConvGeometry | None = None,
 ) -> torch.Tensor:
-    """`output` plus each row's LoRA update of `x`: :func:`add_lora_delta` for a Linear target, the LoCon update
-    (added in place when nothing needs gradients) for a Conv2d one."""
-    if geometry is None:
-        return add_lora_delta(output, x, down, up, scale, out_slice)
-    delta = conv_lora_delta(x, down, up, scale, geometry).to(output.dtype)
-    if _needs_autograd(output, x, down, up):
-        return output + delta
-    return output.add_(delta)
+    """`output` (b, ..., o) plus each row's LoRA update of `x`, in its `out_slice` rows when given; for a convolution
+    target (`geometry` given), the LoCon update of :func:`conv_lora_delta`, added in place when nothing needs
+    gradients.
+
+    At inference (nothing needs gradients, one dtype) the update goes straight into `output` in one
+    ``baddbmm_``: no (b, n, o) delta is allocated, scaled or added. Otherwise it is :func:`lora_delta`
+    cast to the output's dtype and added (in place only into a fused layer's slice, which a Linear's
+    backward does not need).
+    """
+    if geometry is not None:
+        delta = conv_lora_delta(x, down, up, scale, geometry).to(output.dtype)
+        return output + delta if _needs_autograd(output, x, down, up) else output.add_(delta)
+    fast = output.dtype == down.dtype == up.dtype and output.is_contiguous()
+    if not fast or _needs_autograd(output, x, down, up):
+        delta = lora_delta(x, down, up, scale).to(output.dtype)
+        if out_slice is None:
+            return output + delta
+        output[..., out_slice[0] : out_slice[1]] += delta
+        return output
+    _check_factor_shapes(x, down, up)
+    b, i = x.shape[0], x.shape[-1]
+    hidden = torch.bmm(x.reshape(b, -1, i).to(down.dtype), down.transpose(1, 2))  # (b, n, r)
+    rows = output.view(b, -1, output.shape[-1])
+    if out_slice is not None:
+        rows = rows[..., out_slice[0] : out_slice[1]]
+    rows.baddbmm_(hidden, up.transpose(1, 2), alpha=scale)
+    return output
 
 
 def rows_to_samples(num_rows: int, num_samples: int) -> torch.Tensor:
@@ -207,7 +203,7 @@ def _make_hook(target: Target, state: LoRAState, out_slice: tuple[int, int] | No
             return None
         down, up = pair
         try:
-            output = add_delta(output, args[0], down, up, state.scale, out_slice, geometry)
+            output = add_lora_delta(output, args[0], down, up, state.scale, out_slice, geometry)
         except ValueError as err:
             raise ValueError(f"{err} at target {target.id!r}") from None
         state.calls += 1
@@ -289,10 +285,8 @@ def hooked(resolved: list[tuple[Target, str, nn.Module]], state: LoRAState) -> I
     handles = []
     try:
         for target, _path, module in resolved:
-            geometry = ConvGeometry.of(module) if target.kernel is not None else None
-            handles.append(
-                module.register_forward_hook(_make_hook(target, state, fused_slice(target, module), geometry))
-            )
+            hook = _make_hook(target, state, fused_slice(target, module), conv_geometry(target, module))
+            handles.append(module.register_forward_hook(hook))
         yield state
     finally:
         for handle in handles:

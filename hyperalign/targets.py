@@ -157,13 +157,17 @@ def _site_rows(diffusers_prefix: str, comfy_prefix: str, width: int, depth: int,
     return rows
 
 
+_RESNET_KERNEL = (3, 3)
+
+
 def _resnet_rows(diffusers_prefix: str, comfy_prefix: str, in_channels: int, out_channels: int) -> list[Target]:
     """The two 3x3 convolutions of one ResNet block (ComfyUI's ResBlock: ``in_layers.2`` and ``out_layers.3``)."""
+    area = _RESNET_KERNEL[0] * _RESNET_KERNEL[1]
     return [
-        Target(f"{diffusers_prefix}.conv1", f"{comfy_prefix}.in_layers.2", in_channels * 9, out_channels, None, (3, 3)),
         Target(
-            f"{diffusers_prefix}.conv2", f"{comfy_prefix}.out_layers.3", out_channels * 9, out_channels, None, (3, 3)
-        ),
+            f"{diffusers_prefix}.{conv}", f"{comfy_prefix}.{comfy}", channels * area, out_channels, None, _RESNET_KERNEL
+        )
+        for conv, comfy, channels in (("conv1", "in_layers.2", in_channels), ("conv2", "out_layers.3", out_channels))
     ]
 
 
@@ -265,14 +269,18 @@ def _attention(t: Target) -> bool:
     return ".attn1." in t.id or ".attn2." in t.id
 
 
-# Named subsets: each is a predicate over a row's id. "attn" is the default for every family. "attn_conv" adds the
-# ResNet blocks' convolutions: in the toy world's probe (toyworld/README.md) a supervised rank-8 LoRA on attention
-# alone corrected a third as much of the base model's shape errors as the whole UNet, with the convolutions nearly
-# as much.
+def _attention_or_conv(t: Target) -> bool:
+    return _attention(t) or t.kernel is not None
+
+
+# Named subsets: each is a predicate over a row (its id, or its kernel). "attn" is the default for every family.
+# "attn_conv" adds the ResNet blocks' convolutions: in the toy world's probe (toyworld/README.md) a supervised rank-8
+# LoRA on attention alone corrected a third as much of the base model's shape errors as the whole UNet, with the
+# convolutions nearly as much.
 _PRESETS = {
     SD15: {
         "attn": _attention,
-        "attn_conv": lambda t: _attention(t) or t.kernel is not None,
+        "attn_conv": _attention_or_conv,
         "cross_attn": lambda t: ".attn2." in t.id,
         "self_attn": lambda t: ".attn1." in t.id,
     },
@@ -284,7 +292,7 @@ _PRESETS = {
     },
     SDXL: {
         "attn": _attention,
-        "attn_conv": lambda t: _attention(t) or t.kernel is not None,
+        "attn_conv": _attention_or_conv,
         "cross_attn": lambda t: ".attn2." in t.id,
         # the lighter one: only the cross-attention key and value projections of the text (as Custom Diffusion
         # fine-tunes), a quarter of the attention Linears

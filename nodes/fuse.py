@@ -32,9 +32,9 @@ import torch
 
 from ..hyperalign.fusecost import PathCosts, measure_merge, measure_side, merge_pays, steps_served
 from ..hyperalign.lora import (
-    ConvGeometry,
     Factors,
     LoRAState,
+    conv_geometry,
     fused_slice,
     fused_weights,
     fusible_weight,
@@ -131,7 +131,7 @@ def measure_costs(resolved: list, factors: Factors, state: LoRAState, inputs: di
     for target, _path, module in resolved:
         if module in inputs and (pair := state.for_target(target.id)) is not None:
             shape, dtype = inputs[module]
-            geometry = ConvGeometry.of(module) if target.kernel is not None else None
+            geometry = conv_geometry(target, module)
             side.append((shape, dtype, module.weight.shape[0], *pair, fused_slice(target, module), geometry))
     merge = measure_merge(_merge_groups(resolved, factors), scale)
     return PathCosts(merge, measure_side(side, scale))
