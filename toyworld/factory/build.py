@@ -8,14 +8,17 @@ Stages, each seeded from --seed, each on a fixed number of torch threads with de
    encoder, as CLIP's does in SD1.5;
 3. the UNet, on VAE latents and text-encoder states of the training prompts;
 4. the rewards go on training on the base model's own samples, labelled by the ground-truth checker
-   (toyworld/factory/grounding.py), and the build measures how well they then rank held-out samples;
+   (toyworld/factory/grounding.py): toy_clip learns the scene each sample shows (optionally also its shape
+   among the three, and to rank samples for their own prompts as the checker does); the build then
+   measures how well the rewards rank fresh held-out samples;
 5. the model folder, the preference pairs, and the base model's scores by ground truth and by the
    rewards (report.json, samples.png).
 
 Two processes of one thread each use two cores without the thread-synchronisation stalls that a
 two-thread torch suffers on a busy machine. ``--device cuda`` runs the training stages on a GPU (the same
 config; results then match a CPU build only statistically). ``--quick`` runs a few steps of everything,
-for smoke tests; its assets are useless. toyworld/README.md lists sizes, times and scores.
+for smoke tests; its assets are useless. ``--reuse-model DIR`` takes the VAE and UNet of an earlier
+build with the same config (checked) and redoes the rest. toyworld/README.md lists sizes, times and scores.
 
 One file over 300 lines on purpose: the stage order, the build config and the report are read together.
 """
@@ -62,9 +65,15 @@ class BuildConfig:
     unet_offset_noise: float = 0.1  # without it the background follows the starting noise (diffusion.train_unet)
     tune_passes: int = 1  # samples of every scene the rewards go on training with
     tune_guidances: tuple = (1.5, 3.0, 5.0, 7.5)
-    tune_steps: int = 400
+    tune_steps: int = 400  # toy_aesthetic
+    tune_clip_steps: int = 400
+    # toy_clip: InfoNCE over the shape variants of the scene a sample shows, and ranking samples for their
+    # own prompts as the checker does. Off in the shipped build; toyworld/README.md gives what they measured.
+    tune_shape_weight: float = 0.0
+    tune_rank_weight: float = 0.0
     pairs: int = 300
     eval_prompts: int = 128  # per split
+    agreement_noises: int = 1  # held-out samples per prompt on which the rewards are compared with truth
     eval_steps: int = 10  # as the comparison table samples
     eval_guidance: float = 5.0
     checker_images: int = 400
@@ -81,6 +90,8 @@ QUICK = BuildConfig(
     unet_batch=8,
     tune_passes=1,
     tune_steps=2,
+    tune_clip_steps=2,
+    agreement_noises=1,
     pairs=6,
     eval_prompts=4,
     eval_steps=2,
@@ -172,37 +183,15 @@ def _vae_and_rewards(cfg: BuildConfig, pool: RenderPool, train_rows: np.ndarray,
     return vae, trained
 
 
-def build(out: Path, cfg: BuildConfig) -> dict:
-    from ..rewards import (
-        CLIP_SCALE,
-        ToyAestheticReward,
-        ToyClipReward,
-        load_toy_aesthetic,
-        load_toy_clip,
-        save_reward,
-    )
+def _train_model(cfg: BuildConfig, pool: RenderPool, timer: Timer):
+    """Stages 2-3: the VAE and the first rewards, then the UNet. Returns (vae, unet, trained rewards)."""
     from ..vocab import WordTokenizer
-    from .base_report import evaluate_base
-    from .codec import decode, encode, scaling_factor
-    from .diffusion import embed_prompts, sample, train_unet
-    from .grounding import agreement, label, sample_scenes
-    from .prefs import write_pairs
-    from .scorers import aesthetic_accuracy, clip_accuracy, train_aesthetic, train_clip
+    from .codec import encode, scaling_factor
+    from .diffusion import embed_prompts, train_unet
 
-    timer, report = Timer(), {"config": asdict(cfg)}
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    publish.clean(out)
-    train_specs, heldout_specs = world.split_specs()
-    with timer("renders"):
-        publish.write_prompts(out, train_specs, heldout_specs)
-        pool = render_pool(world.all_specs(), cfg.per_spec, cfg.seed + 1)
-        fresh = render_pool(world.all_specs(), 1, cfg.seed + 2)  # evaluation renders, never trained on
     train_rows = np.flatnonzero([not s.heldout for s in pool.specs for _ in range(cfg.per_spec)])
-
     vae, trained = _vae_and_rewards(cfg, pool, train_rows, timer)
-    timer.seconds.update({f"{k} (child)": v for k, v in trained.pop("seconds").items()})
-    clip, aesthetic = _rebuild_rewards(trained)
+    clip, _ = _rebuild_rewards(trained)
     tokenizer = WordTokenizer(trained["vocab"])
     with timer("unet"):
         latent_mean, latent_std = encode(vae, pool.tensor(train_rows))
@@ -217,6 +206,62 @@ def build(out: Path, cfg: BuildConfig) -> dict:
             cfg.seed + 6, cfg.threads, logger.info, lr=cfg.unet_lr, device=cfg.device,
             offset_noise=cfg.unet_offset_noise,
         )  # fmt: skip
+    return vae, unet, trained
+
+
+def _reuse_model(cfg: BuildConfig, pool: RenderPool, pipe, timer: Timer):
+    """``--reuse-model``: stage 2's rewards are retrained (two minutes), the VAE and UNet are taken from an
+    earlier build of the same config, so that the later stages can be rebuilt without the UNet's half
+    hour. Refused unless that build's text encoder is bit for bit the toy_clip text tower trained here."""
+    with timer("rewards"):
+        trained = train_rewards(cfg, pool.images, pool.styles)
+    clip, _ = _rebuild_rewards(trained)
+    theirs, ours = pipe.text_encoder.state_dict(), clip.text.state_dict()
+    if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k]) for k in ours):
+        raise SystemExit(
+            "HyperAlign: --reuse-model: that model's text encoder is not the toy_clip text tower this build "
+            "trains (it was built with another seed, thread count or config). Build without --reuse-model."
+        )
+    return pipe.vae.float(), pipe.unet.float(), trained
+
+
+def build(out: Path, cfg: BuildConfig, reuse: Path | None = None) -> dict:
+    from ..rewards import (
+        CLIP_SCALE,
+        ToyAestheticReward,
+        ToyClipReward,
+        load_toy_aesthetic,
+        load_toy_clip,
+        save_reward,
+    )
+    from ..vocab import WordTokenizer
+    from .base_report import evaluate_base
+    from .codec import decode, encode
+    from .diffusion import sample
+    from .grounding import agreement, label, sample_scenes
+    from .prefs import write_pairs
+    from .scorers import aesthetic_accuracy, clip_accuracy, train_aesthetic, train_clip
+
+    timer, report = Timer(), {"config": asdict(cfg)}
+    started = time.perf_counter()
+    reused = _load_reused(reuse) if reuse is not None else None  # before clean(): `reuse` may be `out`
+    out.mkdir(parents=True, exist_ok=True)
+    publish.clean(out)
+    train_specs, heldout_specs = world.split_specs()
+    with timer("renders"):
+        publish.write_prompts(out, train_specs, heldout_specs)
+        pool = render_pool(world.all_specs(), cfg.per_spec, cfg.seed + 1)
+        fresh = render_pool(world.all_specs(), 1, cfg.seed + 2)  # evaluation renders, never trained on
+
+    if reused is None:
+        vae, unet, trained = _train_model(cfg, pool, timer)
+    else:
+        vae, unet, trained = _reuse_model(cfg, pool, reused["pipe"], timer)
+        report["reused_model"] = {"from": str(reuse), "seconds": reused["seconds"]}
+    timer.seconds.update({f"{k} (child)": v for k, v in trained.pop("seconds").items()})
+    clip, aesthetic = _rebuild_rewards(trained)
+    tokenizer = WordTokenizer(trained["vocab"])
+    scaling = vae.config.scaling_factor
     publish.save_model(out, vae, clip.text, unet)
     pipe = publish.load_pipe(out).to(cfg.device)
     workers = min(16, len(os.sched_getaffinity(0)))  # processes for the ground-truth checker
@@ -224,21 +269,24 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         "train": _sample([world.prompt_of(s) for s in train_specs], cfg.eval_prompts, cfg.seed + 10),
         "heldout": _sample([world.prompt_of(s) for s in heldout_specs], cfg.eval_prompts, cfg.seed + 11),
     }
-    heldout_samples = sample(pipe, prompt_sets["heldout"], cfg.seed + 14, cfg.eval_steps, cfg.eval_guidance).cpu()
+    agreement_prompts = [p for p in prompt_sets["heldout"] for _ in range(cfg.agreement_noises)]
+    heldout_samples = sample(pipe, agreement_prompts, cfg.seed + 14, cfg.eval_steps, cfg.eval_guidance).cpu()
 
     with timer("grounding"):
         report["rewards_vs_truth"] = {
             "renders_only": agreement(
                 ToyClipReward(clip, tokenizer, CLIP_SCALE), ToyAestheticReward(aesthetic), heldout_samples,
-                prompt_sets["heldout"], workers,
+                agreement_prompts, workers,
             )
         }  # fmt: skip
-        images, _ = sample_scenes(
+        images, prompts = sample_scenes(
             pipe, world.all_specs() * cfg.tune_passes, cfg.seed + 15, cfg.eval_steps, tuple(cfg.tune_guidances)
         )
-        generated, report["grounding"] = label(images.cpu(), tokenizer, cfg.seed + 16, workers)
+        generated, report["grounding"] = label(
+            images.cpu(), prompts, tokenizer, cfg.seed + 16, workers, cfg.tune_shape_weight, cfg.tune_rank_weight
+        )
         clip = train_clip(
-            pool, None, tokenizer(pool.prompts), cfg.tune_steps, cfg.clip_groups, cfg.seed + 17, cfg.threads,
+            pool, None, tokenizer(pool.prompts), cfg.tune_clip_steps, cfg.clip_groups, cfg.seed + 17, cfg.threads,
             logger.info, cfg.device, init=clip, generated=generated,
         )  # fmt: skip
         aesthetic = train_aesthetic(
@@ -257,7 +305,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         clip_reward = load_toy_clip(specs[0], "cpu", torch.float32)
         aesthetic_reward = load_toy_aesthetic(specs[1], "cpu", torch.float32)
         report["rewards_vs_truth"]["with_samples"] = agreement(
-            clip_reward, aesthetic_reward, heldout_samples, prompt_sets["heldout"], workers
+            clip_reward, aesthetic_reward, heldout_samples, agreement_prompts, workers
         )
         report["truth_checker"] = truth.validate(cfg.checker_images, cfg.seed + 19)
         check = fresh.tensor(np.flatnonzero([not s.heldout for s in fresh.specs]))
@@ -292,6 +340,15 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _load_reused(folder: Path) -> dict:
+    """The model of an earlier build, and what its training stages cost (from its report)."""
+    report = folder / "report.json"
+    if not (folder / "model").is_dir() or not report.is_file():
+        raise SystemExit(f"HyperAlign: --reuse-model {folder}: no built toy world there (model/ and report.json).")
+    seconds = json.loads(report.read_text())["seconds"]
+    return {"pipe": publish.load_pipe(folder), "seconds": {k: v for k, v in seconds.items() if k in ("vae", "unet")}}
 
 
 def _load_average() -> tuple[float, ...]:
@@ -347,12 +404,17 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="where the networks train: cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not assets")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BuildConfig fields")
+    parser.add_argument(
+        "--reuse-model", type=Path, metavar="DIR",
+        help="take the VAE and UNet from the toy world built in DIR with the same config (rebuilds the rewards, "
+        "preference pairs and report without the UNet's half hour)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = replace(QUICK if args.quick else BuildConfig(), seed=args.seed, threads=args.threads, device=args.device)
     for item in args.set:
         cfg = _parse_setting(cfg, item)
-    report = build(args.out, cfg)
+    report = build(args.out, cfg, args.reuse_model)
     logger.info("done in %.0f s; report: %s", report["seconds"]["total"], args.out / "report.json")
     return 0
 

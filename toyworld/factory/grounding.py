@@ -3,7 +3,8 @@
 Rewards trained on clean renders only are easy to fool with what a generator actually draws (soft,
 grainy, half-right scenes). As HPSv2 and PickScore learned from people judging generated images, the
 toy rewards go on training on the base model's samples, each labelled by the ground-truth checker
-(:mod:`.truth`) with the scene it really shows and its measured taste. The checker labels data; it is
+(:mod:`.truth`) with the scene it really shows, how much of its own prompt it shows (as ImageReward's
+annotators ranked several generations of a prompt) and its measured taste. The checker labels data; it is
 never a training reward for the hypernetwork. :func:`agreement` then measures, on fresh held-out
 samples, how well each learned reward ranks images the way the truth does: the learned rewards may
 stay exploitable (as HPSv2 is), and the evaluation shows it when they are.
@@ -32,22 +33,34 @@ def sample_scenes(pipe, specs: list[world.SceneSpec], seed: int, steps: int, gui
     return torch.cat(images), prompts
 
 
-def label(images: torch.Tensor, tokenizer, seed: int, workers: int) -> tuple[Generated, dict]:
-    """The checker's reading of each sample as training data for the rewards; images that show no valid
-    scene keep their measured taste for toy_aesthetic but are left out of toy_clip's data (counted)."""
+def label(
+    images: torch.Tensor, prompts: list[str], tokenizer, seed: int, workers: int, shape_weight: float, rank_weight: float
+) -> tuple[Generated, dict]:
+    """The checker's reading of each sample as training data for the rewards: how much of its prompt it
+    shows, its measured taste, and the scene it really shows. Images that show no valid scene (counted)
+    still rank for their prompt; they pair with no scene prompt and train no toy_aesthetic pair."""
     reading = truth.check(images, workers)
     scenes = reading.scenes()
     keep = [i for i, s in enumerate(scenes) if s is not None]
     rng = np.random.default_rng(seed)
-    own = [world.prompt_of(scenes[i]) for i in keep]
-    negatives = [world.prompt_of(world.perturb(scenes[i], a, rng)) for i in keep for a in world.ATTRIBUTES]
+    own = [scenes[i] for i in keep]
+    negatives = [world.prompt_of(world.perturb(s, a, rng)) for s in own for a in world.ATTRIBUTES]
+    shapes = [world.prompt_of(v) for s in own for v in world.shape_variants(s)]
+    accuracy = reading.accuracy([world.parse_prompt(p) for p in prompts])
     data = Generated(
-        images=images[keep],
-        token_ids=tokenizer(own),
+        images=images,
+        prompt_ids=tokenizer(prompts),
+        accuracy=torch.from_numpy(accuracy).float(),
+        taste=torch.from_numpy(reading.taste()).float(),
+        valid=torch.tensor(keep, dtype=torch.long),
+        token_ids=tokenizer([world.prompt_of(s) for s in own]),
         negative_ids=tokenizer(negatives).view(len(keep), len(world.ATTRIBUTES), -1),
-        taste=torch.from_numpy(reading.taste()[keep]).float(),
+        shape_ids=tokenizer(shapes).view(len(keep), len(world.SHAPES), -1),
+        shape_weight=shape_weight,
+        rank_weight=rank_weight,
     )
-    return data, {"samples": len(images), "valid_scenes": len(keep)}
+    summary = {"samples": len(images), "valid_scenes": len(keep), "truth_accuracy": round(float(accuracy.mean()), 4)}
+    return data, summary
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

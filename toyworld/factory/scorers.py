@@ -25,28 +25,64 @@ from .renders import RenderPool
 
 @dataclass
 class Generated:
-    """The generator's own samples, each with what the ground-truth checker reads in it: the scene it
-    really shows (its prompt, for toy_clip) and its measured taste (for toy_aesthetic). Real preference
-    models are trained on generated images judged by people; here the checker plays the people, so the
-    rewards learn to judge what the generator actually draws, not only clean renders."""
+    """The generator's own samples, judged by the ground-truth checker. Real preference models are
+    trained on generated images judged by people (HPSv2, PickScore; ImageReward ranks several
+    generations of one prompt); here the checker plays the people, so the rewards learn to judge what
+    the generator actually draws, not only clean renders.
+
+    Every sample keeps the prompt it was drawn for and how much of it the checker finds (`accuracy`):
+    toy_clip learns to rank samples by it. Samples that show a valid scene (`valid`) also pair with the
+    prompt of the scene they really show, its hard negatives and its shape variants."""
 
     images: torch.Tensor  # (n, 3, 32, 32) in [0, 1]
-    token_ids: torch.Tensor  # (n, 77): the prompt of the scene each image shows
-    negative_ids: torch.Tensor  # (n, 6, 77): that prompt with one attribute changed, per attribute
+    prompt_ids: torch.Tensor  # (n, 77): the prompt each image was sampled for
+    accuracy: torch.Tensor  # (n,) share of that prompt's attributes the checker finds
     taste: torch.Tensor  # (n,) measured taste
+    valid: torch.Tensor  # (v,) rows that show a valid scene
+    token_ids: torch.Tensor  # (v, 77): the prompt of the scene each valid image shows
+    negative_ids: torch.Tensor  # (v, 6, 77): that prompt with one attribute changed, per attribute
+    shape_ids: torch.Tensor  # (v, 3, 77): that prompt with each shape, its own first
+    shape_weight: float = 0.0
+    rank_weight: float = 0.0
 
     def clip_loss(self, clip: ToyClip, rows: int, rng: np.random.Generator, device) -> torch.Tensor:
-        """InfoNCE of each image against its own prompt, its six hard negatives and the batch's other prompts."""
-        pick = torch.from_numpy(rng.choice(len(self.images), size=rows, replace=False))
+        loss = self._scene_loss(clip, self.negative_ids, rows, rng, device, own_in_batch=True)
+        if self.shape_weight:
+            loss = loss + self.shape_weight * self._scene_loss(clip, self.shape_ids[:, 1:], rows, rng, device)
+        if self.rank_weight:
+            loss = loss + self.rank_weight * self._rank_loss(clip, rows, rng, device)
+        return loss
+
+    def _scene_loss(self, clip, negatives, rows, rng, device, own_in_batch=False) -> torch.Tensor:
+        """InfoNCE of each valid image against the prompt of the scene it shows and its `negatives`; with
+        `own_in_batch`, against the batch's other prompts too. The shape variants alone are the task
+        toy_clip is weakest at (a corner or two tells a triangle from a dome)."""
+        pick = self.valid[torch.from_numpy(rng.choice(len(self.valid), size=rows, replace=False))]
+        local = torch.searchsorted(self.valid, pick)
         image_emb = clip.embed_images(self.images[pick].to(device))
-        texts = torch.cat([self.token_ids[pick, None], self.negative_ids[pick]], 1)  # (rows, 7, 77)
-        text_emb = clip.embed_text(texts.flatten(0, 1).to(device))  # (rows * 7, d)
-        logits = clip.logit_scale.clamp(max=4.6).exp() * image_emb @ text_emb.T
-        return F.cross_entropy(logits, torch.arange(rows, device=device) * texts.shape[1])
+        texts = torch.cat([self.token_ids[local, None], negatives[local]], 1)  # (rows, k, 77)
+        text_emb = clip.embed_text(texts.flatten(0, 1).to(device))
+        scale = clip.logit_scale.clamp(max=4.6).exp()
+        if own_in_batch:
+            logits = scale * image_emb @ text_emb.T
+            return F.cross_entropy(logits, torch.arange(rows, device=device) * texts.shape[1])
+        logits = scale * (image_emb[:, None] * text_emb.view(rows, texts.shape[1], -1)).sum(-1)
+        return F.cross_entropy(logits, torch.zeros(rows, dtype=torch.long, device=device))
+
+    def _rank_loss(self, clip, rows, rng, device) -> torch.Tensor:
+        """Bradley-Terry on random pairs of samples, each scored for the prompt it was drawn for and ordered
+        by the checker's accuracy: the score must be comparable across images and prompts, as a reward is."""
+        pairs = torch.from_numpy(rng.integers(len(self.images), size=2 * rows))
+        order = torch.sign(self.accuracy[pairs[:rows]] - self.accuracy[pairs[rows:]]).to(device)
+        image_emb = clip.embed_images(self.images[pairs].to(device))
+        text_emb = clip.embed_text(self.prompt_ids[pairs].to(device))
+        score = clip.logit_scale.clamp(max=4.6).exp() * (image_emb * text_emb).sum(-1)
+        margin = score[:rows] - score[rows:]
+        return (F.softplus(-order * margin) * order.abs()).sum() / order.abs().sum().clamp(min=1)
 
     def aesthetic_loss(self, model: ToyAesthetic, rows: int, rng: np.random.Generator, device) -> torch.Tensor:
-        """Bradley-Terry on random pairs of samples, ordered by their measured taste."""
-        a, b = (torch.from_numpy(rng.choice(len(self.images), size=rows)) for _ in range(2))
+        """Bradley-Terry on random pairs of samples that show a valid scene, ordered by their measured taste."""
+        a, b = (self.valid[torch.from_numpy(rng.choice(len(self.valid), size=rows))] for _ in range(2))
         scores = model.raw(torch.cat([self.images[a], self.images[b]]).to(device))
         sign = torch.sign(self.taste[a] - self.taste[b]).to(device)
         return F.softplus(-sign * (scores[:rows] - scores[rows:])).mean()

@@ -1,0 +1,83 @@
+"""The toy world's build: what the rewards learn from the generator's samples, and reusing a built model."""
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from toyworld import world
+from toyworld.factory import build
+from toyworld.factory.grounding import label
+from toyworld.factory.renders import render_pool
+from toyworld.nets import ToyClip, text_config
+from toyworld.vocab import WordTokenizer, build_vocab
+
+SPECS = world.all_specs()[7::263]  # 12 scenes
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return WordTokenizer(build_vocab()[0])
+
+
+def renders(specs):
+    return world.to_tensor_images(world.render_batch(specs, [world.Style()] * len(specs), list(range(len(specs)))))
+
+
+@pytest.fixture(scope="module")
+def labelled(tokenizer):
+    """Clean renders, the second half drawn for a prompt with the shape changed: the checker finds 5 of its 6."""
+    rng = np.random.default_rng(0)
+    prompts = [world.prompt_of(s) for s in SPECS[:6]]
+    prompts += [world.prompt_of(world.perturb(s, "shape", rng)) for s in SPECS[6:]]
+    data, summary = label(renders(SPECS), prompts, tokenizer, seed=1, workers=1, shape_weight=1.0, rank_weight=1.0)
+    return data, summary
+
+
+def test_label_keeps_each_samples_prompt_accuracy_and_the_scene_it_shows(labelled, tokenizer):
+    data, summary = labelled
+    assert summary == {"samples": 12, "valid_scenes": 12, "truth_accuracy": round((6 + 6 * 5 / 6) / 12, 4)}
+    assert torch.allclose(data.accuracy, torch.tensor([1.0] * 6 + [5 / 6] * 6))
+    assert torch.equal(data.token_ids, tokenizer([world.prompt_of(s) for s in SPECS]))  # what it shows
+    assert torch.equal(data.shape_ids[:, 0], data.token_ids)
+    variants = world.shape_variants(SPECS[3])
+    assert torch.equal(data.shape_ids[3], tokenizer([world.prompt_of(v) for v in variants]))
+    assert sorted(v.shape for v in variants) == sorted(world.SHAPES)
+    assert all(replace(v, shape=SPECS[3].shape) == SPECS[3] for v in variants)
+
+
+def test_clip_loss_terms_train_the_clip_and_the_rank_term_follows_the_checker(labelled, tokenizer):
+    data, _ = labelled
+    torch.manual_seed(0)
+    clip = ToyClip(text_config(build_vocab()[0]))
+    rng = np.random.default_rng(0)
+    loss = data.clip_loss(clip, 4, rng, "cpu")
+    loss.backward()
+    assert torch.isfinite(loss) and clip.image.convs[0].weight.grad.abs().sum() > 0
+
+    rank = data._rank_loss(clip, 64, np.random.default_rng(1), "cpu")
+    flipped = replace(data, accuracy=1 - data.accuracy)._rank_loss(clip, 64, np.random.default_rng(1), "cpu")
+    tied = replace(data, accuracy=torch.ones(12))._rank_loss(clip, 64, np.random.default_rng(1), "cpu")
+    assert tied.item() == 0.0  # pairs the checker cannot tell apart teach nothing
+    # the same pairs, ordered the other way: softplus(-m) and softplus(m) differ by m, so unless the
+    # untrained clip scores every pair alike the two losses differ
+    assert abs(rank.item() - flipped.item()) > 1e-4
+
+
+def test_reuse_model_takes_only_a_model_whose_text_encoder_this_config_trains():
+    cfg = build.QUICK
+    pool = render_pool(world.all_specs(), cfg.per_spec, cfg.seed + 1)
+    clip, _ = build._rebuild_rewards(build.train_rewards(cfg, pool.images, pool.styles))
+    built = SimpleNamespace(text_encoder=clip.text, vae=torch.nn.Identity(), unet=torch.nn.Identity())
+    vae, unet, trained = build._reuse_model(cfg, pool, built, build.Timer())
+    assert vae is built.vae and unet is built.unet and "clip" in trained
+
+    with pytest.raises(SystemExit, match="HyperAlign: --reuse-model: .* Build without --reuse-model"):
+        build._reuse_model(replace(cfg, seed=1), pool, built, build.Timer())
+
+
+def test_reuse_model_needs_a_built_folder(tmp_path):
+    with pytest.raises(SystemExit, match="HyperAlign: --reuse-model .*: no built toy world there"):
+        build._load_reused(tmp_path)
