@@ -186,10 +186,10 @@ def perturb(spec: SceneSpec, attribute: str, rng: np.random.Generator) -> SceneS
     return replace(spec, **{attribute: choices[int(rng.integers(len(choices)))]})
 
 
-
 def shape_variants(spec: SceneSpec) -> list[SceneSpec]:
     """`spec` with each shape, its own first: the candidates a judge of shape must tell apart."""
     return [spec] + [replace(spec, shape=s) for s in SHAPES if s != spec.shape]
+
 
 # --- rendering -------------------------------------------------------------------------------
 

@@ -34,7 +34,13 @@ def sample_scenes(pipe, specs: list[world.SceneSpec], seed: int, steps: int, gui
 
 
 def label(
-    images: torch.Tensor, prompts: list[str], tokenizer, seed: int, workers: int, shape_weight: float, rank_weight: float
+    images: torch.Tensor,
+    prompts: list[str],
+    tokenizer,
+    seed: int,
+    workers: int,
+    shape_weight: float,
+    rank_weight: float,
 ) -> tuple[Generated, dict]:
     """The checker's reading of each sample as training data for the rewards: how much of its prompt it
     shows, its measured taste, and the scene it really shows. Images that show no valid scene (counted)
