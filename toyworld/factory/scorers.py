@@ -57,9 +57,8 @@ class Generated:
         """InfoNCE of each valid image against the prompt of the scene it shows and its `negatives`; with
         `own_in_batch`, against the batch's other prompts too. The shape variants alone are the task
         toy_clip is weakest at (a corner or two tells a triangle from a dome)."""
-        pick = self.valid[torch.from_numpy(rng.choice(len(self.valid), size=rows, replace=False))]
-        local = torch.searchsorted(self.valid, pick)
-        image_emb = clip.embed_images(self.images[pick].to(device))
+        local = torch.from_numpy(rng.choice(len(self.valid), size=rows, replace=False))  # rows of token_ids
+        image_emb = clip.embed_images(self.images[self.valid[local]].to(device))
         texts = torch.cat([self.token_ids[local, None], negatives[local]], 1)  # (rows, k, 77)
         text_emb = clip.embed_text(texts.flatten(0, 1).to(device))
         scale = clip.logit_scale.clamp(max=4.6).exp()
