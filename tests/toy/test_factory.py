@@ -70,9 +70,16 @@ def test_reuse_model_takes_only_a_model_whose_text_encoder_this_config_trains():
     cfg = build.QUICK
     pool = render_pool(world.all_specs(), cfg.per_spec, cfg.seed + 1)
     clip, _ = build._rebuild_rewards(build.train_rewards(cfg, pool.images, pool.styles))
+    # the same config on another CPU: float rounding apart; the model's own encoder is kept in toy_clip
+    with torch.no_grad():
+        for weight in clip.text.parameters():
+            weight.add_(1e-7 * torch.randn_like(weight))
     built = SimpleNamespace(text_encoder=clip.text, vae=torch.nn.Identity(), unet=torch.nn.Identity())
     vae, unet, trained = build._reuse_model(cfg, pool, built, build.Timer())
-    assert vae is built.vae and unet is built.unet and "clip" in trained
+    assert vae is built.vae and unet is built.unet
+    assert 0 < trained["reuse_gap"] < build.REUSE_TOLERANCE
+    kept, _ = build._rebuild_rewards(trained)
+    assert all(torch.equal(v, clip.text.state_dict()[k]) for k, v in kept.text.state_dict().items())
 
     with pytest.raises(SystemExit, match="HyperAlign: --reuse-model: .* Build without --reuse-model"):
         build._reuse_model(replace(cfg, seed=1), pool, built, build.Timer())
@@ -81,3 +88,17 @@ def test_reuse_model_takes_only_a_model_whose_text_encoder_this_config_trains():
 def test_reuse_model_needs_a_built_folder(tmp_path):
     with pytest.raises(SystemExit, match="HyperAlign: --reuse-model .*: no built toy world there"):
         build._load_reused(tmp_path)
+
+
+def test_spearman_se_bootstraps_over_prompts_not_images():
+    # Two prompts, each with 20 samples that agree within the prompt and disagree across: the image-level
+    # correlation rests on two prompts, so its standard error must be large.
+    from toyworld.factory.grounding import spearman_se
+
+    rng = np.random.default_rng(0)
+    truth = np.concatenate([np.full(20, 1.0), np.full(20, 0.0)]) + rng.normal(0, 0.01, 40)
+    score = np.concatenate([np.linspace(0, 1, 20), np.linspace(2, 3, 20)])  # one prompt scored high, wrongly
+    clustered = spearman_se(score, truth, ["a"] * 20 + ["b"] * 20)
+    independent = spearman_se(score, truth, [str(i) for i in range(40)])
+    assert clustered > 3 * independent
+    assert spearman_se(truth, truth, ["a"] * 20 + ["b"] * 20) == pytest.approx(0.0)

@@ -75,10 +75,26 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def spearman_se(a: np.ndarray, b: np.ndarray, prompts: list[str], resamples: int = 200, seed: int = 0) -> float:
+    """Standard error of the per-image Spearman by a bootstrap over prompts: a prompt's samples share its
+    errors (the base model draws some prompts' shape wrong on every noise), so images are not independent."""
+    groups = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    members = [np.asarray(rows) for rows in groups.values()]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        rows = np.concatenate([members[k] for k in rng.integers(len(members), size=len(members))])
+        draws.append(_spearman(a[rows], b[rows]))
+    return float(np.nanstd(draws, ddof=1))
+
+
 @torch.no_grad()
 def agreement(clip_reward, aesthetic_reward, images: torch.Tensor, prompts: list[str], workers: int = 1) -> dict:
     """Per image, Spearman rank correlation of toy_clip with the truth's attribute accuracy for its prompt
-    and of toy_aesthetic with the truth's taste; with the truth's own means."""
+    and of toy_aesthetic with the truth's taste, each ± its standard error over prompts; with the truth's own
+    means."""
     specs = [world.parse_prompt(p) for p in prompts]
     reading = truth.check(images, workers)
     accuracy, taste = reading.accuracy(specs), reading.taste()
@@ -86,8 +102,11 @@ def agreement(clip_reward, aesthetic_reward, images: torch.Tensor, prompts: list
     aesthetic = torch.cat([aesthetic_reward(images[i : i + 512]) for i in range(0, len(images), 512)])
     return {
         "images": len(images),
+        "prompts": len(set(prompts)),
         "toy_clip_vs_truth_accuracy": round(_spearman(clip.numpy(), accuracy), 4),
+        "toy_clip_vs_truth_accuracy_se": round(spearman_se(clip.numpy(), accuracy, prompts), 4),
         "toy_aesthetic_vs_truth_taste": round(_spearman(aesthetic.numpy(), taste), 4),
+        "toy_aesthetic_vs_truth_taste_se": round(spearman_se(aesthetic.numpy(), taste, prompts), 4),
         "truth_accuracy": round(float(accuracy.mean()), 4),
         "truth_taste": round(float(taste.mean()), 4),
     }
