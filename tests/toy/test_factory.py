@@ -1,5 +1,6 @@
 """The toy world's build: what the rewards learn from the generator's samples, and reusing a built model."""
 
+import json
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -102,3 +103,12 @@ def test_spearman_se_bootstraps_over_prompts_not_images():
     independent = spearman_se(score, truth, [str(i) for i in range(40)])
     assert clustered > 3 * independent
     assert spearman_se(truth, truth, ["a"] * 20 + ["b"] * 20) == pytest.approx(0.0)
+
+
+def test_published_model_configs_name_no_source_path(tmp_path):
+    from toyworld.factory.publish import _drop_source_paths
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_name_or_path": "/home/me/old", "sample_size": 16}')
+    _drop_source_paths(tmp_path)
+    assert json.loads((tmp_path / "unet" / "config.json").read_text()) == {"sample_size": 16}

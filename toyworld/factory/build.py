@@ -63,17 +63,17 @@ class BuildConfig:
     unet_batch: int = 32
     unet_lr: float = 2e-3
     unet_offset_noise: float = 0.1  # without it the background follows the starting noise (diffusion.train_unet)
-    tune_passes: int = 1  # samples of every scene the rewards go on training with
+    tune_passes: int = 6  # samples of every scene the rewards go on training with
     tune_guidances: tuple = (1.5, 3.0, 5.0, 7.5)
     tune_steps: int = 400  # toy_aesthetic
-    tune_clip_steps: int = 400
+    tune_clip_steps: int = 4000
     # toy_clip: InfoNCE over the shape variants of the scene a sample shows, and ranking samples for their
-    # own prompts as the checker does. Off in the shipped build; toyworld/README.md gives what they measured.
-    tune_shape_weight: float = 0.0
-    tune_rank_weight: float = 0.0
+    # own prompts as the checker does; toyworld/README.md gives what they measured.
+    tune_shape_weight: float = 1.0
+    tune_rank_weight: float = 1.0
     pairs: int = 300
     eval_prompts: int = 128  # per split
-    agreement_noises: int = 1  # held-out samples per prompt on which the rewards are compared with truth
+    agreement_noises: int = 8  # held-out samples per prompt on which the rewards are compared with truth
     eval_steps: int = 10  # as the comparison table samples
     eval_guidance: float = 5.0
     checker_images: int = 400

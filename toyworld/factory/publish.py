@@ -51,6 +51,7 @@ def save_model(out: Path, vae, text_encoder, unet) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    _drop_source_paths(folder)
     shutil.rmtree(folder / "tokenizer")  # keep vocab.json + merges.txt (what every CLIP tokenizer reads)
     write_tokenizer(folder / "tokenizer")
     vae.float(), unet.float()
@@ -62,6 +63,17 @@ def load_pipe(out: Path):
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"), safety_checker=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _drop_source_paths(folder: Path) -> None:
+    """A model loaded from disk (``--reuse-model``) remembers where it came from in ``_name_or_path``;
+    the published folder must not carry the builder's paths."""
+    import json
+
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def sizes(out: Path) -> dict:
