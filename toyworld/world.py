@@ -124,10 +124,13 @@ def random_style(rng: np.random.Generator) -> Style:
 # --- prompts ---------------------------------------------------------------------------------
 
 
-def prompt_of(spec: SceneSpec) -> str:
+def prompt_of(spec: SceneSpec, with_colour: bool = True) -> str:
+    """The prompt of a scene. ``with_colour=False`` leaves out the shapes' colour word (a caption the UNet may
+    train on, never a toy-world prompt: :func:`parse_prompt` refuses it)."""
     noun = spec.shape if spec.count == 1 else spec.shape + "s"
     where = POSITION_PHRASES[spec.position]
-    return f"{COUNT_WORDS[spec.count]} {spec.size} {spec.colour} {noun} {where}, {spec.background} background"
+    shapes = f"{spec.colour} {noun}" if with_colour else noun
+    return f"{COUNT_WORDS[spec.count]} {spec.size} {shapes} {where}, {spec.background} background"
 
 
 def parse_prompt(prompt: str) -> SceneSpec:

@@ -12,7 +12,7 @@ from toyworld import world
 from toyworld.factory import build
 from toyworld.factory.grounding import label
 from toyworld.factory.renders import render_pool
-from toyworld.nets import ToyClip, text_config
+from toyworld.nets import LATENT_SIZE, TEXT_WIDTH, ToyClip, text_config
 from toyworld.vocab import WordTokenizer, build_vocab
 
 SPECS = world.all_specs()[7::263]  # 12 scenes
@@ -88,7 +88,23 @@ def test_reuse_model_takes_only_a_model_whose_text_encoder_this_config_trains():
 
 def test_reuse_model_needs_a_built_folder(tmp_path):
     with pytest.raises(SystemExit, match="HyperAlign: --reuse-model .*: no built toy world there"):
-        build._load_reused(tmp_path)
+        build._load_reused(tmp_path, build.BuildConfig())
+
+
+def test_reuse_model_refuses_a_model_built_with_other_model_settings(tmp_path):
+    (tmp_path / "model").mkdir()
+    config = {k: v for k, v in build.asdict(build.BuildConfig()).items() if k != "unet_colour_dropout"}
+    (tmp_path / "report.json").write_text(json.dumps({"config": config, "seconds": {}}))
+    with pytest.raises(SystemExit, match=r"built with unet_colour_dropout=0\.0, not this config's values"):
+        build._load_reused(tmp_path, replace(build.BuildConfig(), unet_colour_dropout=0.3))
+    with pytest.raises(SystemExit, match="built with unet_steps=5000"):
+        build._load_reused(tmp_path, replace(build.BuildConfig(), unet_steps=10))
+
+
+def test_the_shipped_model_was_built_with_the_default_model_settings():
+    from toyworld import ASSETS
+
+    assert build._load_reused(ASSETS, build.BuildConfig())["pipe"].unet is not None
 
 
 def test_spearman_se_bootstraps_over_prompts_not_images():
@@ -112,3 +128,42 @@ def test_published_model_configs_name_no_source_path(tmp_path):
     (tmp_path / "unet" / "config.json").write_text('{"_name_or_path": "/home/me/old", "sample_size": 16}')
     _drop_source_paths(tmp_path)
     assert json.loads((tmp_path / "unet" / "config.json").read_text()) == {"sample_size": 16}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_colour_dropout_conditions_that_share_of_rows_on_the_colour_free_captions(monkeypatch, dropout):
+    from diffusers import UNet2DConditionModel
+
+    from toyworld.factory.diffusion import train_unet
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, **kwargs):
+        seen.append(encoder_hidden_states[:, 0, 0].detach().clone())
+        return forward(self, sample, timestep, encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    width, size = TEXT_WIDTH, LATENT_SIZE
+    coloured, colour_free, empty = torch.ones(3, 77, width), torch.full((3, 77, width), 2.0), torch.zeros(1, 77, width)
+    latents = torch.zeros(6, 4, size, size)
+    train_unet(
+        latents, torch.ones_like(latents), coloured, torch.arange(6) // 2, empty, 1.0, steps=6, batch=8, seed=0,
+        threads=1, log=lambda *_: None, uncond_rate=0.0, colour_free_context=colour_free, colour_dropout=dropout,
+    )  # fmt: skip
+    marks = torch.cat(seen)
+    assert set(marks.unique().tolist()) <= {1.0, 2.0}
+    share = (marks == 2.0).float().mean().item()
+    assert share == 0.0 if dropout == 0.0 else 0.3 < share < 0.7
+
+
+def test_colour_dropout_needs_the_colour_free_captions():
+    from toyworld.factory.diffusion import train_unet
+
+    latents = torch.zeros(2, 4, LATENT_SIZE, LATENT_SIZE)
+    with pytest.raises(ValueError, match="colour_free_context"):
+        train_unet(
+            latents, latents + 1, torch.ones(1, 77, TEXT_WIDTH), torch.zeros(2, dtype=torch.long),
+            torch.zeros(1, 77, TEXT_WIDTH),
+            1.0, steps=1, batch=2, seed=0, threads=1, log=print, colour_dropout=0.3,
+        )  # fmt: skip

@@ -18,6 +18,14 @@ def test_every_prompt_parses_back_to_its_scene():
     )
 
 
+def test_a_colour_free_caption_drops_only_the_colour_word_and_is_no_prompt():
+    spec = world.SceneSpec("circle", "red", "left", "small", 2, "blue")
+    caption = world.prompt_of(spec, with_colour=False)
+    assert caption == "two small circles on the left, blue background"
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        world.parse_prompt(caption)
+
+
 @pytest.mark.parametrize(
     "bad", ["a cat", "two small red circle on the left, blue background", "one small red circle on the left"]
 )

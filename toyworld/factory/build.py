@@ -63,6 +63,7 @@ class BuildConfig:
     unet_batch: int = 32
     unet_lr: float = 2e-3
     unet_offset_noise: float = 0.1  # without it the background follows the starting noise (diffusion.train_unet)
+    unet_colour_dropout: float = 0.0  # share of rows captioned without the shapes' colour (diffusion.train_unet)
     tune_passes: int = 6  # samples of every scene the rewards go on training with
     tune_guidances: tuple = (1.5, 3.0, 5.0, 7.5)
     tune_steps: int = 400  # toy_aesthetic
@@ -201,10 +202,15 @@ def _train_model(cfg: BuildConfig, pool: RenderPool, timer: Timer):
         contexts = embed_prompts(clip.text, tokenizer(train_prompts))
         empty = embed_prompts(clip.text, tokenizer([""]))
         context_of_row = torch.arange(len(train_rows)) // cfg.per_spec
+        colour_free = None
+        if cfg.unet_colour_dropout:
+            colour_free = [world.prompt_of(s, with_colour=False) for s in pool.specs if not s.heldout]
+            colour_free = embed_prompts(clip.text, tokenizer(colour_free))
         unet = train_unet(
             latent_mean, latent_std, contexts, context_of_row, empty, scaling, cfg.unet_steps, cfg.unet_batch,
             cfg.seed + 6, cfg.threads, logger.info, lr=cfg.unet_lr, device=cfg.device,
-            offset_noise=cfg.unet_offset_noise,
+            offset_noise=cfg.unet_offset_noise, colour_free_context=colour_free,
+            colour_dropout=cfg.unet_colour_dropout,
         )  # fmt: skip
     return vae, unet, trained
 
@@ -262,7 +268,7 @@ def build(out: Path, cfg: BuildConfig, reuse: Path | None = None) -> dict:
 
     timer, report = Timer(), {"config": asdict(cfg)}
     started = time.perf_counter()
-    reused = _load_reused(reuse) if reuse is not None else None  # before clean(): `reuse` may be `out`
+    reused = _load_reused(reuse, cfg) if reuse is not None else None  # before clean(): `reuse` may be `out`
     out.mkdir(parents=True, exist_ok=True)
     publish.clean(out)
     train_specs, heldout_specs = world.split_specs()
@@ -364,12 +370,28 @@ def build(out: Path, cfg: BuildConfig, reuse: Path | None = None) -> dict:
     return report
 
 
-def _load_reused(folder: Path) -> dict:
+# The settings that make the VAE and UNet; a reused model must have been built with this config's values.
+MODEL_SETTINGS = (
+    "seed", "per_spec", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "unet_lr", "unet_offset_noise",
+    "unet_colour_dropout",
+)  # fmt: skip
+
+
+def _load_reused(folder: Path, cfg: BuildConfig) -> dict:
     """The model of an earlier build, and what its training stages cost (from its report)."""
     report = folder / "report.json"
     if not (folder / "model").is_dir() or not report.is_file():
         raise SystemExit(f"HyperAlign: --reuse-model {folder}: no built toy world there (model/ and report.json).")
-    seconds = json.loads(report.read_text())["seconds"]
+    built = json.loads(report.read_text())
+    defaults = asdict(BuildConfig())  # a setting older than the report was built at its default
+    differ = [k for k in MODEL_SETTINGS if built["config"].get(k, defaults[k]) != getattr(cfg, k)]
+    if differ:
+        shown = ", ".join(f"{k}={built['config'].get(k, defaults[k])!r}" for k in differ)
+        raise SystemExit(
+            f"HyperAlign: --reuse-model {folder}: that model was built with {shown}, not this config's values. "
+            "Set them as it did, or build without --reuse-model."
+        )
+    seconds = built["seconds"]
     return {"pipe": publish.load_pipe(folder), "seconds": {k: v for k, v in seconds.items() if k in ("vae", "unet")}}
 
 

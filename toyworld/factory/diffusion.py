@@ -45,8 +45,14 @@ def train_unet(
     uncond_rate: float = 0.1,
     device: str = "cpu",
     offset_noise: float = 0.0,
+    colour_free_context: torch.Tensor | None = None,
+    colour_dropout: float = 0.0,
 ):
     """Latents (n, 4, h, w) unscaled; image row i is conditioned on row_context[context_of_row[i]].
+
+    `colour_dropout` conditions that share of rows on `colour_free_context` instead (the same captions without
+    the shapes' colour word, indexed as row_context), so that shape words are also learned apart from colour
+    words: held-out prompts pair a colour and a shape never seen together.
 
     `offset_noise` adds per-channel constant noise in training ("offset noise"). SD1.5's schedule leaves
     sqrt(alpha_bar_999) = 0.07 of the image at the last step, and at 16x16 the mean of pure noise has std 1/16:
@@ -60,6 +66,10 @@ def train_unet(
     unet = UNet2DConditionModel(**unet_config()).to(device)
     latent_mean, latent_std = latent_mean.to(device), latent_std.to(device)
     row_context, empty_context = row_context.to(device), empty_context.to(device)
+    if colour_dropout:
+        if colour_free_context is None or colour_free_context.shape != row_context.shape:
+            raise ValueError("HyperAlign: colour_dropout needs colour_free_context shaped as row_context.")
+        colour_free_context = colour_free_context.to(device)
     context_of_row, alphas_cumprod = context_of_row.to(device), alphas_cumprod.to(device)
     ema = EMA(unet, decay=0.995)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
@@ -78,6 +88,9 @@ def train_unet(
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         context = row_context[context_of_row[rows]]
+        if colour_dropout:
+            plain = (torch.rand(batch, generator=generator) < colour_dropout).to(device)
+            context = torch.where(plain.view(-1, 1, 1), colour_free_context[context_of_row[rows]], context)
         drop = (torch.rand(batch, generator=generator) < uncond_rate).to(device)
         context = torch.where(drop.view(-1, 1, 1), empty_context.expand_as(context), context)
         pred = unet(zt, t, encoder_hidden_states=context).sample
