@@ -198,14 +198,14 @@ def _train_model(cfg: BuildConfig, pool: RenderPool, timer: Timer):
         latent_mean, latent_std = encode(vae, pool.tensor(train_rows))
         scaling = scaling_factor(latent_mean)
         vae.register_to_config(scaling_factor=scaling)
-        train_prompts = [world.prompt_of(s) for s in pool.specs if not s.heldout]
-        contexts = embed_prompts(clip.text, tokenizer(train_prompts))
+        train_specs = [s for s in pool.specs if not s.heldout]
+        contexts = embed_prompts(clip.text, tokenizer([world.prompt_of(s) for s in train_specs]))
         empty = embed_prompts(clip.text, tokenizer([""]))
         context_of_row = torch.arange(len(train_rows)) // cfg.per_spec
         colour_free = None
         if cfg.unet_colour_dropout:
-            colour_free = [world.prompt_of(s, with_colour=False) for s in pool.specs if not s.heldout]
-            colour_free = embed_prompts(clip.text, tokenizer(colour_free))
+            captions = [world.prompt_of(s, with_colour=False) for s in train_specs]
+            colour_free = embed_prompts(clip.text, tokenizer(captions))
         unet = train_unet(
             latent_mean, latent_std, contexts, context_of_row, empty, scaling, cfg.unet_steps, cfg.unet_batch,
             cfg.seed + 6, cfg.threads, logger.info, lr=cfg.unet_lr, device=cfg.device,
@@ -384,15 +384,16 @@ def _load_reused(folder: Path, cfg: BuildConfig) -> dict:
         raise SystemExit(f"HyperAlign: --reuse-model {folder}: no built toy world there (model/ and report.json).")
     built = json.loads(report.read_text())
     defaults = asdict(BuildConfig())  # a setting older than the report was built at its default
-    differ = [k for k in MODEL_SETTINGS if built["config"].get(k, defaults[k]) != getattr(cfg, k)]
+    theirs = {k: built["config"].get(k, defaults[k]) for k in MODEL_SETTINGS}
+    differ = [k for k, v in theirs.items() if v != getattr(cfg, k)]
     if differ:
-        shown = ", ".join(f"{k}={built['config'].get(k, defaults[k])!r}" for k in differ)
+        shown = ", ".join(f"{k}={theirs[k]!r}" for k in differ)
         raise SystemExit(
             f"HyperAlign: --reuse-model {folder}: that model was built with {shown}, not this config's values. "
             "Set them as it did, or build without --reuse-model."
         )
-    seconds = built["seconds"]
-    return {"pipe": publish.load_pipe(folder), "seconds": {k: v for k, v in seconds.items() if k in ("vae", "unet")}}
+    seconds = {k: v for k, v in built["seconds"].items() if k in ("vae", "unet")}
+    return {"pipe": publish.load_pipe(folder), "seconds": seconds}
 
 
 def _load_average() -> tuple[float, ...]:

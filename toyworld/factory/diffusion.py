@@ -87,10 +87,11 @@ def train_unet(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        context = row_context[context_of_row[rows]]
+        prompt_ids = context_of_row[rows]
+        context = row_context[prompt_ids]
         if colour_dropout:
             plain = (torch.rand(batch, generator=generator) < colour_dropout).to(device)
-            context = torch.where(plain.view(-1, 1, 1), colour_free_context[context_of_row[rows]], context)
+            context = torch.where(plain.view(-1, 1, 1), colour_free_context[prompt_ids], context)
         drop = (torch.rand(batch, generator=generator) < uncond_rate).to(device)
         context = torch.where(drop.view(-1, 1, 1), empty_context.expand_as(context), context)
         pred = unet(zt, t, encoder_hidden_states=context).sample
