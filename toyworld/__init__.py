@@ -6,7 +6,8 @@ Helpers for drivers and tests; nothing heavy is imported here:
   :data:`PROMPTS_DIR`: where ``python -m toyworld.factory.build`` writes what it makes;
 - :func:`load_prompts` ("train" or "heldout"), :func:`sample_prompts`;
 - :func:`render_prompt`: a toy prompt as an ideal (or styled) 32x32 image;
-- :func:`unet_arch`: the ``hyperalign.targets.UNetArch`` of the toy UNet.
+- :func:`unet_arch`: the ``hyperalign.targets.UNetArch`` of the toy UNet;
+- :func:`assets_digest`: what the comparison table records of the assets it was made with.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def unet_arch():
     from .nets import unet_arch as arch
 
     return arch()
+
+
+def assets_digest() -> str:
+    """sha256 of every shipped asset the table's numbers depend on (model, rewards, preference pairs, prompts),
+    recorded in docs/toy-results.json so that a rebuilt world cannot ship beside a table made on the old one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in (MODEL_DIR, CLIP_FILE.parent, PREFS_FILE.parent, PROMPTS_DIR):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(ASSETS).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def assets_built() -> bool:

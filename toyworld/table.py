@@ -32,7 +32,6 @@ numbers next to it as JSON; trained runs and scored rows stay in --work, and a r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ import torch
 from hyperalign.atomic import write_json, write_text
 from training import evaluate, keysteps, train
 
-from . import ASSETS
+from . import ASSETS, assets_digest
 from .table_report import hacking, markdown
 from .table_runs import score_row, train_run, trained_file
 
@@ -352,6 +351,7 @@ def protocol_of(cfg, args) -> dict:
         "mode_objective": cfg.objective.mode,
         "objective": objective,
         "reward_weights": {spec.name: spec.weight for spec in cfg.rewards},
+        "assets": assets_digest(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{args.jobs} process(es) of 1 thread",
     }
@@ -362,10 +362,7 @@ def made_with(cfg) -> dict:
     are written) and the toy world's files, by hash."""
     config = asdict(cfg)
     config["run"] = {k: v for k, v in config["run"].items() if k not in ("output_dir", "name", "progress")}
-    digest = hashlib.sha256()
-    for path in sorted(p for p in ASSETS.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(ASSETS)).encode() + b"\0" + path.read_bytes())
-    return json.loads(json.dumps({"config": config, "world": digest.hexdigest()}))
+    return json.loads(json.dumps({"config": config, "world": assets_digest()}))
 
 
 def check_work(work: str, key: dict) -> None:

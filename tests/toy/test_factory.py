@@ -97,8 +97,18 @@ def test_reuse_model_refuses_a_model_built_with_other_model_settings(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"config": config, "seconds": {}}))
     with pytest.raises(SystemExit, match=r"built with unet_colour_dropout=0\.0, not this config's values"):
         build._load_reused(tmp_path, replace(build.BuildConfig(), unet_colour_dropout=0.3))
-    with pytest.raises(SystemExit, match="built with unet_steps=5000"):
+    with pytest.raises(SystemExit, match=f"built with unet_steps={build.BuildConfig().unet_steps}"):
         build._load_reused(tmp_path, replace(build.BuildConfig(), unet_steps=10))
+
+
+def test_reuse_model_keeps_the_note_of_a_model_trained_outside_a_build(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    config = build.asdict(build.BuildConfig())
+    note = "trained by a probe script"
+    (tmp_path / "report.json").write_text(json.dumps({"config": config, "seconds": {"unet": 9.0}, "note": note}))
+    monkeypatch.setattr(build.publish, "load_pipe", lambda folder: folder)
+    reused = build._load_reused(tmp_path, build.BuildConfig())
+    assert (reused["note"], reused["seconds"], reused["pipe"]) == (note, {"unet": 9.0}, tmp_path)
 
 
 def test_the_shipped_model_was_built_with_the_default_model_settings():

@@ -83,8 +83,8 @@ def test_prompt_sets_are_seeded_samples_of_their_files():
 
 
 def test_the_docs_table_records_the_protocol_that_ships():
-    """docs/toy-results.md is made by the table from what ships: when training/configs/toy.yaml changes, the table
-    must be made again (python -m toyworld.table), or this fails."""
+    """docs/toy-results.md is made by the table from what ships: when training/configs/toy.yaml or the toy world's
+    assets change, the table must be made again (python -m toyworld.table), or this fails."""
     from dataclasses import asdict
     from pathlib import Path
 
@@ -152,3 +152,24 @@ def test_a_work_folder_made_with_another_config_is_refused(tmp_path):
         check_work(str(tmp_path), {**key, "config": {"optim": {"lr": 1e-4}, "rewards": [0.5]}})
     with pytest.raises(SystemExit, match="the toy world's files"):
         check_work(str(tmp_path), {**key, "world": "abd"})
+
+
+def test_the_assets_digest_changes_with_any_file_the_table_depends_on(tmp_path, monkeypatch):
+    import toyworld
+
+    for name, folder in (("MODEL_DIR", "model"), ("PREFS_FILE", "prefs/pairs.jsonl"), ("PROMPTS_DIR", "prompts")):
+        monkeypatch.setattr(toyworld, name, tmp_path / folder)
+    monkeypatch.setattr(toyworld, "CLIP_FILE", tmp_path / "rewards" / "toy_clip.safetensors")
+    monkeypatch.setattr(toyworld, "ASSETS", tmp_path)
+    for path in ("model/unet/w.safetensors", "rewards/toy_clip.safetensors", "prefs/pairs.jsonl", "prompts/a.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"v1")
+    (tmp_path / "report.json").write_text("{}")
+    first = toyworld.assets_digest()
+    (tmp_path / "report.json").write_text('{"seconds": 1}')  # the report's timings are not what the table measures
+    assert toyworld.assets_digest() == first
+    for path in ("model/unet/w.safetensors", "rewards/toy_clip.safetensors", "prefs/pairs.jsonl", "prompts/a.txt"):
+        (tmp_path / path).write_bytes(b"v2")
+        changed = toyworld.assets_digest()
+        assert changed != first
+        first = changed

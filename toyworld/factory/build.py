@@ -285,6 +285,7 @@ def build(out: Path, cfg: BuildConfig, reuse: Path | None = None) -> dict:
             "from": str(reuse),
             "seconds": reused["seconds"],
             "text_encoder_gap": trained.pop("reuse_gap"),
+            **({"note": reused["note"]} if reused["note"] else {}),
         }
     timer.seconds.update({f"{k} (child)": v for k, v in trained.pop("seconds").items()})
     clip, aesthetic = _rebuild_rewards(trained)
@@ -393,7 +394,8 @@ def _load_reused(folder: Path, cfg: BuildConfig) -> dict:
             "Set them as it did, or build without --reuse-model."
         )
     seconds = {k: v for k, v in built["seconds"].items() if k in ("vae", "unet")}
-    return {"pipe": publish.load_pipe(folder), "seconds": seconds}
+    # a model trained outside a build (e.g. by a probe) says how in its report's "note"; the new report keeps it
+    return {"pipe": publish.load_pipe(folder), "seconds": seconds, "note": built.get("note", "")}
 
 
 def _load_average() -> tuple[float, ...]:
