@@ -21,6 +21,7 @@ AESTHETIC_FILE = ASSETS / "rewards" / "toy_aesthetic.safetensors"
 PREFS_FILE = ASSETS / "prefs" / "pairs.jsonl"
 PROMPTS_DIR = ASSETS / "prompts"
 REPORT_FILE = ASSETS / "report.json"
+ASSET_FOLDERS = ("model", "rewards", "prefs", "prompts")  # what a build makes besides its report and picture
 SPLITS = ("train", "heldout")
 BUILD_HINT = "run python -m toyworld.factory.build"
 
@@ -65,8 +66,8 @@ def assets_digest() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for folder in (MODEL_DIR, CLIP_FILE.parent, PREFS_FILE.parent, PROMPTS_DIR):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for name in ASSET_FOLDERS:
+        for path in sorted(p for p in (ASSETS / name).rglob("*") if p.is_file()):
             digest.update(path.relative_to(ASSETS).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

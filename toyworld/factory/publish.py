@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import world
+from .. import ASSET_FOLDERS, world
 
-GENERATED = ("model", "rewards", "prefs", "prompts", "report.json", "samples.png")
+GENERATED = (*ASSET_FOLDERS, "report.json", "samples.png")
 
 
 def clean(out: Path) -> None:
@@ -78,7 +78,7 @@ def _drop_source_paths(folder: Path) -> None:
 
 def sizes(out: Path) -> dict:
     result = {}
-    for name in ("model", "rewards", "prefs", "prompts"):
+    for name in ASSET_FOLDERS:
         files = [p for p in (out / name).rglob("*") if p.is_file()]
         result[name] = {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
     result["total_bytes"] = sum(v["bytes"] for v in result.values())
